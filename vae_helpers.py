@@ -1,0 +1,508 @@
+"""Shared helpers for the VAE book: configuration, MNIST data, the model, the loss, training and display.
+
+Every chapter and the command line (``simple_vae.py``) import this one module, so the algorithm is written once.
+It is deliberately plain: small functions and one ``nn.Module``.
+"""
+
+import difflib
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+PIXELS = 28 * 28  # an MNIST image, flattened
+MNIST_FILES = {  # the four IDX files torchvision reads, with their exact sizes in bytes
+    "train-images-idx3-ubyte": 16 + 60000 * PIXELS,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * PIXELS,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A bad configuration or input, explained in one line."""
+
+
+DEFAULT_CONFIG = {
+    "data_root": "data",
+    "normalize_mean": 0.1307,
+    "normalize_std": 0.3081,
+    "validation_size": 5000,
+    "validation_seed": 0,
+    "hidden_sizes": [100, 100],
+    "latent_dim": 32,
+    "beta": "auto",
+    "epochs": 20,
+    "batch_size": 128,
+    "learning_rate": 1.0e-3,
+    "seed": 0,
+    "device": "auto",
+    "output_dir": "outputs",
+}
+TRAINING_SET_SIZE = 60000
+# Keys that change where things are, not what is trained: they are left out of a checkpoint's identity.
+LOCATION_KEYS = ("data_root", "device", "output_dir")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(key, value, ok, expected):
+    if not ok:
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML read it as text: write numbers like 1.0e-3, with a dot)"
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' must be {expected}, got {value!r}{hint}")
+
+
+def validate_config(config):
+    """Check every key of a configuration dict; return a new dict with defaults filled in and β resolved.
+
+    Each problem raises ``ConfigError`` with one line naming the key, the value and what is expected.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(config).__name__}")
+    for key in config:
+        if key not in DEFAULT_CONFIG:
+            close = difflib.get_close_matches(str(key), DEFAULT_CONFIG, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(DEFAULT_CONFIG)})"
+            raise ConfigError(f"unknown key '{key}'{hint}")
+    c = {**DEFAULT_CONFIG, **config}
+    for key in ("data_root", "output_dir"):
+        _check(key, c[key], isinstance(c[key], str) and c[key] != "", "a non-empty path")
+    _check("normalize_mean", c["normalize_mean"], _is_number(c["normalize_mean"]) and 0 <= c["normalize_mean"] <= 1,
+           "a number in [0, 1] (the training pixel mean, 0.1307)")
+    _check("normalize_std", c["normalize_std"], _is_number(c["normalize_std"]) and c["normalize_std"] > 0,
+           "a number > 0 (the training pixel std, 0.3081)")
+    _check("validation_size", c["validation_size"],
+           _is_int(c["validation_size"]) and 1 <= c["validation_size"] < TRAINING_SET_SIZE,
+           f"an integer from 1 to {TRAINING_SET_SIZE - 1}, so that training images remain")
+    for key in ("validation_seed", "seed"):
+        _check(key, c[key], _is_int(c[key]) and c[key] >= 0, "an integer >= 0")
+    sizes = c["hidden_sizes"]
+    _check("hidden_sizes", sizes, isinstance(sizes, list) and len(sizes) > 0
+           and all(_is_int(s) and s >= 1 for s in sizes), "a non-empty list of integers >= 1, like [100, 100]")
+    for key in ("latent_dim", "epochs", "batch_size"):
+        _check(key, c[key], _is_int(c[key]) and c[key] >= 1, "an integer >= 1")
+    _check("batch_size", c["batch_size"], c["batch_size"] <= TRAINING_SET_SIZE - c["validation_size"],
+           "at most the number of training images")
+    _check("beta", c["beta"], c["beta"] == "auto" or (_is_number(c["beta"]) and c["beta"] >= 0 and
+           math.isfinite(c["beta"])), "'auto' (latent_dim / 784) or a number >= 0")
+    _check("learning_rate", c["learning_rate"], _is_number(c["learning_rate"]) and c["learning_rate"] > 0
+           and math.isfinite(c["learning_rate"]), "a number > 0, like 1.0e-3")
+    device = c["device"]
+    _check("device", device, isinstance(device, str) and (device in ("auto", "cpu", "cuda", "mps")
+           or (device.startswith("cuda:") and device[5:].isdigit())), "one of auto, cpu, cuda, cuda:N, mps")
+    if c["beta"] == "auto":
+        c["beta"] = c["latent_dim"] / PIXELS
+    c["beta"] = float(c["beta"])
+    c["learning_rate"] = float(c["learning_rate"])
+    return c
+
+
+def load_config(path="config.yaml", **overrides):
+    """Read a YAML config, apply ``overrides``, validate it and resolve paths relative to the file's folder.
+
+    The environment variable ``MNIST_ROOT``, when set, replaces ``data_root`` (CI and offline copies use it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found (pass -c with the path to config.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
+    try:
+        config = validate_config(raw if not overrides else {**raw, **overrides} if isinstance(raw, dict) else raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    for key in ("data_root", "output_dir"):
+        config[key] = str((path.parent / config[key]).resolve())
+    if os.environ.get("MNIST_ROOT"):
+        config["data_root"] = str(Path(os.environ["MNIST_ROOT"]).expanduser().resolve())
+    return config
+
+
+def config_key(config):
+    """A short hash of everything that changes the trained model: a checkpoint's identity."""
+    identity = {k: v for k, v in sorted(config.items()) if k not in LOCATION_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def select_device(name="auto"):
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_mnist_files(root):
+    """Raise ``ConfigError`` if an MNIST file under ``root/MNIST/raw`` exists with the wrong size (truncated)."""
+    raw = Path(root) / "MNIST" / "raw"
+    for name, size in MNIST_FILES.items():
+        file = raw / name
+        if file.exists() and file.stat().st_size != size:
+            raise ConfigError(f"MNIST file {file} is {file.stat().st_size} bytes, expected {size}: it is truncated "
+                              "or corrupt; delete it to download it again, or copy a good one there")
+
+
+def load_mnist(root, train=True, download=True):
+    """The MNIST training (60,000) or test (10,000) images as a uint8 tensor (N, 28, 28), and their labels.
+
+    Uses ``torchvision.datasets.MNIST`` under ``root`` (downloading when online and the files are missing).
+    """
+    from torchvision.datasets import MNIST
+
+    check_mnist_files(root)
+    try:
+        dataset = MNIST(root, train=train, download=download)
+    except Exception as error:  # torchvision raises RuntimeError or URLError when offline or the files are bad
+        raw = Path(root) / "MNIST" / "raw"
+        raise ConfigError(f"cannot load MNIST from {raw} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                          f"put the four uncompressed IDX files ({', '.join(MNIST_FILES)}) there, or set "
+                          "MNIST_ROOT to the folder that holds MNIST/raw") from None
+    return dataset.data, dataset.targets
+
+
+def normalize(images, mean=0.1307, std=0.3081):
+    """uint8 images (N, 28, 28) → float vectors (N, 784): ``(x / 255 - mean) / std``."""
+    return (images.reshape(len(images), PIXELS).float() / 255 - mean) / std
+
+
+def denormalize(x, mean=0.1307, std=0.3081):
+    """Normalized vectors → images in [0, 1] of shape (N, 1, 28, 28), clipped for display."""
+    return (x.detach().float().cpu() * std + mean).clamp(0, 1).reshape(-1, 1, 28, 28)
+
+
+def mnist_splits(config, device=None):
+    """Training, validation and test sets as ``{"train": (x, y), "validation": (x, y), "test": (x, y)}``.
+
+    Each ``x`` is one normalized float tensor (N, 784) on ``device``; training batches index into it, so there is
+    no per-image transform in the training loop. The validation images are ``validation_size`` training images
+    chosen with ``validation_seed``; the 10,000 test images are never used for training or model selection.
+    """
+    device = device or select_device(config["device"])
+    mean, std = config["normalize_mean"], config["normalize_std"]
+    images, labels = load_mnist(config["data_root"], train=True)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config["validation_seed"]))
+    validation, train = order[:config["validation_size"]], order[config["validation_size"]:]
+    test_images, test_labels = load_mnist(config["data_root"], train=False)
+    return {
+        "train": (normalize(images[train], mean, std).to(device), labels[train].to(device)),
+        "validation": (normalize(images[validation], mean, std).to(device), labels[validation].to(device)),
+        "test": (normalize(test_images, mean, std).to(device), test_labels.to(device)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and loss
+# ----------------------------------------------------------------------------------------------------------------
+
+def mlp(sizes):
+    """Linear layers with ReLU between them and a linear last layer."""
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class VAE(nn.Module):
+    """An MLP VAE: encoder 784 → hidden → (μ, log σ²), decoder latent → hidden reversed → 784.
+
+    The decoder's output layer is linear: normalized pixels range from -0.42 to 2.82, which a sigmoid, tanh or
+    ReLU head would clip.
+    """
+
+    def __init__(self, latent_dim=32, hidden_sizes=(100, 100)):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = mlp([PIXELS, *hidden_sizes, 2 * latent_dim])
+        self.decoder = mlp([latent_dim, *reversed(hidden_sizes), PIXELS])
+
+    def encode(self, x):
+        """The posterior q(z|x) = N(μ, diag σ²) as its mean and log-variance, each (N, latent_dim)."""
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z):
+        """The decoder's mean image (normalized units, N × 784) for latent codes z."""
+        return self.decoder(z)
+
+    def forward(self, x, generator=None):
+        """Encode, sample z = μ + σ·ε with the reparameterization trick, decode; return (x̂, μ, log σ²)."""
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar, generator)
+        return self.decode(z), mu, logvar
+
+
+def model_from_config(config):
+    """A fresh VAE with the config's sizes."""
+    return VAE(config["latent_dim"], config["hidden_sizes"])
+
+
+def reparameterize(mu, logvar, generator=None):
+    """A differentiable sample z = μ + exp(log σ² / 2) · ε with ε ~ N(0, I)."""
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def kl_divergence(mu, logvar):
+    """Closed-form KL(N(μ, diag σ²) ‖ N(0, I)) per image, summed over the latent dimensions."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(dim=-1)
+
+
+def vae_loss(reconstruction, x, mu, logvar, beta):
+    """The loss per image, SSE over 784 pixels + β · KL over the latents, averaged over the batch.
+
+    Returns ``(total, reconstruction_error, kl)``, each a batch mean. Summing over pixels and latents first keeps
+    β's meaning: a per-element mean would divide the SSE by 784 and the KL by the latent size.
+    """
+    squared_error = (reconstruction - x).pow(2).sum(dim=-1)
+    kl = kl_divergence(mu, logvar)
+    return (squared_error + beta * kl).mean(), squared_error.mean(), kl.mean()
+
+
+def gaussian_elbo_nats(total_loss, beta):
+    """The ELBO per image in nats (normalized pixel units) of a Gaussian decoder with variance σ² = β / 2.
+
+    With σ² = β/2, log p(x|z) = -SSE/β - (784/2)·log(πβ), so ELBO = -(SSE + β·KL)/β - 392·log(πβ).
+    """
+    return -total_loss / beta - PIXELS / 2 * math.log(math.pi * beta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1):
+    """One pass over ``images`` in shuffled batches; returns the mean training loss.
+
+    Batches are index lookups into the one data tensor. Stops with ``TrainingDiverged`` naming the epoch and
+    batch when the loss turns NaN or infinite.
+    """
+    model.train()
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    total = torch.zeros((), device=images.device)
+    for batch, start in enumerate(range(0, len(images), batch_size), start=1):
+        x = images[order[start:start + batch_size]]
+        reconstruction, mu, logvar = model(x)
+        loss, _, _ = vae_loss(reconstruction, x, mu, logvar, beta)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch}, batch {batch}; "
+                                   "lower learning_rate or check the data's normalization")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(x)
+    return total.item() / len(images)
+
+
+@torch.no_grad()
+def evaluate(model, images, beta, batch_size=1000, seed=0):
+    """The loss and its two parts, averaged over ``images``; z is sampled with a fixed seed, so it repeats."""
+    model.eval()
+    generator = torch.Generator(images.device).manual_seed(seed)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        mu, logvar = model.encode(x)
+        reconstruction = model.decode(reparameterize(mu, logvar, generator))
+        parts = vae_loss(reconstruction, x, mu, logvar, beta)
+        sums += torch.tensor([p.item() for p in parts], dtype=torch.float64) * len(x)
+    loss, reconstruction_error, kl = (sums / len(images)).tolist()
+    return {"loss": loss, "reconstruction": reconstruction_error, "kl": kl}
+
+
+@torch.no_grad()
+def reconstruct_as_uint8(model, x, config):
+    """Decoder means for ``x`` (no sampling: z = μ) as uint8 images (N, 28, 28), for the progress animation."""
+    model.eval()
+    mean, std = config["normalize_mean"], config["normalize_std"]
+    images = denormalize(model.decode(model.encode(x)[0]), mean, std)
+    return (images * 255).round().to(torch.uint8).reshape(-1, 28, 28)
+
+
+def save_checkpoint(path, checkpoint):
+    """Write ``checkpoint`` with ``torch.save`` to a temporary file, then rename it over ``path``.
+
+    The rename is atomic, so an interrupted write leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by ``save_checkpoint`` (tensors and plain Python values only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint '{path}' not found") from None
+    except Exception as error:
+        raise ConfigError(f"checkpoint '{path}' is unreadable ({type(error).__name__}); delete it to retrain") \
+            from None
+
+
+def checkpoint_path(config):
+    """Where the model of ``config`` is saved: one file per config key, so configs never share a checkpoint."""
+    return Path(config["output_dir"]) / f"vae-{config_key(config)}.pt"
+
+
+PROGRESS_IMAGES = 32  # validation images reconstructed after every epoch for the progress animation
+
+
+def train(config, data=None, resume=False, progress=True):
+    """Train the VAE of ``config``, checkpointing after every epoch; return ``(model, history)``.
+
+    The history holds, per epoch, the training loss and the validation loss, reconstruction error and KL, and
+    ``frames``: the first ``PROGRESS_IMAGES`` validation images reconstructed after each epoch (uint8).
+    With ``resume=True`` training continues from the config's checkpoint, with the same random state, so an
+    interrupted run ends exactly where an uninterrupted one would.
+    """
+    device = select_device(config["device"])
+    data = data or mnist_splits(config, device)
+    train_images, validation_images = data["train"][0].to(device), data["validation"][0].to(device)
+    torch.manual_seed(config["seed"])
+    model = model_from_config(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
+    shuffle = torch.Generator().manual_seed(config["seed"])
+    history = {"epoch": [], "train_loss": [], "validation_loss": [], "validation_reconstruction": [],
+               "validation_kl": [], "seconds": [], "frames": []}
+    path = checkpoint_path(config)
+    if resume and path.exists():
+        checkpoint = load_checkpoint(path)
+        check_same_config(checkpoint, config, path)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history = checkpoint["history"]
+        shuffle.set_state(checkpoint["shuffle_rng"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+    start = len(history["epoch"]) + 1
+    bar = tqdm(range(start, config["epochs"] + 1), initial=start - 1, total=config["epochs"], unit="epoch",
+               desc=f"β={config['beta']:.3g}", disable=not progress)
+    for epoch in bar:
+        began = time.perf_counter()
+        train_loss = train_epoch(model, optimizer, train_images, config["batch_size"], config["beta"], shuffle,
+                                 epoch)
+        validation = evaluate(model, validation_images, config["beta"])
+        for key, value in [("epoch", epoch), ("train_loss", train_loss), ("validation_loss", validation["loss"]),
+                           ("validation_reconstruction", validation["reconstruction"]),
+                           ("validation_kl", validation["kl"]), ("seconds", time.perf_counter() - began)]:
+            history[key].append(value)
+        history["frames"].append(reconstruct_as_uint8(model, validation_images[:PROGRESS_IMAGES], config).cpu())
+        bar.set_postfix(train=f"{train_loss:.2f}", validation=f"{validation['loss']:.2f}")
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
+                               "history": history, "epoch": epoch, "shuffle_rng": shuffle.get_state(),
+                               "torch_rng": torch.get_rng_state()})
+    return model, history
+
+
+def check_same_config(checkpoint, config, path):
+    """Refuse a checkpoint trained with another config (ignoring paths and the device)."""
+    if config_key(checkpoint["config"]) != config_key(config):
+        differ = sorted(k for k in config if k not in LOCATION_KEYS and checkpoint["config"].get(k) != config[k])
+        raise ConfigError(f"checkpoint '{path}' was trained with a different config (differs in: "
+                          f"{', '.join(differ)}); delete it or change output_dir")
+
+
+def load_or_train(config, data=None, progress=True):
+    """The trained model of ``config`` and its history: loaded from its checkpoint when training finished,
+    resumed when it was interrupted, trained from scratch when there is none."""
+    path = checkpoint_path(config)
+    if path.exists():
+        checkpoint = load_checkpoint(path)
+        check_same_config(checkpoint, config, path)
+        if checkpoint["epoch"] >= config["epochs"]:
+            model = model_from_config(config)
+            model.load_state_dict(checkpoint["model"])
+            return model.to(select_device(config["device"])).eval(), checkpoint["history"]
+    model, history = train(config, data, resume=True, progress=progress)
+    return model.eval(), history
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Display
+# ----------------------------------------------------------------------------------------------------------------
+
+def image_grid(x, config=None, nrow=8):
+    """Normalized vectors (N, 784) → one de-normalized grid image (H, W) in [0, 1] for ``plt.imshow``."""
+    from torchvision.utils import make_grid
+
+    mean, std = (config["normalize_mean"], config["normalize_std"]) if config else (0.1307, 0.3081)
+    return make_grid(denormalize(x, mean, std), nrow=nrow, padding=2, pad_value=1.0)[0]
+
+
+@torch.no_grad()
+def sample_prior(model, n, seed=0):
+    """Decode ``n`` latent codes drawn from the prior N(0, I) with a fixed seed."""
+    model.eval()
+    device = next(model.parameters()).device
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    return model.decode(z)
+
+
+def progress_gif(frames, nrow=8, scale=2, milliseconds=300):
+    """The validation-progress animation as GIF bytes: one grid of reconstructions per epoch, labelled."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+
+    pictures = []
+    for epoch, frame in enumerate(frames, start=1):
+        grid = make_grid(frame.unsqueeze(1), nrow=nrow, padding=2, pad_value=255)[0].numpy()
+        picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+        canvas = Image.new("L", (picture.width, picture.height + 16), 255)
+        canvas.paste(picture, (0, 16))
+        ImageDraw.Draw(canvas).text((4, 2), f"epoch {epoch}/{len(frames)}", fill=0)
+        pictures.append(canvas)
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=milliseconds,
+                     loop=0)
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def latent_means(model, images, batch_size=1000):
+    """The posterior means μ(x) for ``images``, as one (N, latent_dim) tensor on the CPU."""
+    model.eval()
+    return torch.cat([model.encode(images[i:i + batch_size])[0].cpu() for i in range(0, len(images), batch_size)])
