@@ -506,3 +506,26 @@ def latent_means(model, images, batch_size=1000):
     """The posterior means μ(x) for ``images``, as one (N, latent_dim) tensor on the CPU."""
     model.eval()
     return torch.cat([model.encode(images[i:i + batch_size])[0].cpu() for i in range(0, len(images), batch_size)])
+
+
+def gif_html(gif_bytes, width=None):
+    """An ``IPython.display.HTML`` image of GIF bytes, shown inline in JupyterLab, Colab and the book."""
+    import base64
+    from IPython.display import HTML
+
+    size = f' width="{width}"' if width else ""
+    return HTML(f'<img src="data:image/gif;base64,{base64.b64encode(gif_bytes).decode()}"{size} '
+                'alt="Validation reconstructions after each epoch"/>')
+
+
+def glue(name, value, display=True):
+    """Show ``value`` and, where myst-nb is installed (the book build), register it as ``name`` so that other
+    pages of the book can paste it; on Colab without myst-nb it is only shown."""
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        if display:
+            from IPython.display import display as show
+            show(value)
+        return
+    myst_glue(name, value, display=display)
