@@ -424,7 +424,7 @@ def train(config, data=None, resume=False, progress=True):
     for epoch in bar:
         began = time.perf_counter()
         train_loss = train_epoch(model, optimizer, train_images, config["batch_size"], config["beta"], shuffle,
-                                 epoch)
+                                 epoch=epoch)
         validation = evaluate(model, validation_images, config["beta"])
         for key, value in [("epoch", epoch), ("train_loss", train_loss), ("validation_loss", validation["loss"]),
                            ("validation_reconstruction", validation["reconstruction"]),

@@ -1,0 +1,110 @@
+"""Training: determinism, checkpoints written atomically, resume after an interruption, the NaN guard."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vae_helpers as vh
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def quick_config(write_config, tmp_path):
+    """A 3-epoch CPU config writing into a tmp folder (trained on the small real-data fixture)."""
+    return vh.load_config(write_config({"epochs": 3, "batch_size": 100, "device": "cpu", "output_dir": "run"}))
+
+
+def test_training_lowers_the_validation_loss_and_is_deterministic(quick_config, small_data):
+    model, history = vh.train(quick_config, small_data, progress=False)
+    assert history["epoch"] == [1, 2, 3]
+    assert history["validation_loss"][-1] < history["validation_loss"][0]
+    assert len(history["frames"]) == 3 and history["frames"][0].shape == (vh.PROGRESS_IMAGES, 28, 28)
+    again, history_again = vh.train(quick_config, small_data, progress=False)
+    assert history_again["train_loss"] == history["train_loss"]
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_round_trip_loads_with_weights_only(quick_config, small_data):
+    model, history = vh.train(quick_config, small_data, progress=False)
+    checkpoint = torch.load(vh.checkpoint_path(quick_config), weights_only=True)
+    assert checkpoint["epoch"] == 3 and checkpoint["config"] == quick_config
+    assert checkpoint["history"]["validation_loss"] == history["validation_loss"]
+    loaded, loaded_history = vh.load_or_train(quick_config, small_data, progress=False)  # loads, no training
+    assert loaded_history["train_loss"] == history["train_loss"]
+    x = small_data["test"][0][:10]
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)[0]), model.eval().decode(model.encode(x)[0]))
+
+
+def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    vh.save_checkpoint(path, {"epoch": 1, "weights": torch.ones(3)})
+
+    def crash_midway(obj, file, *args, **kwargs):
+        Path(file).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        vh.save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(3)})
+    monkeypatch.undo()
+    assert vh.load_checkpoint(path)["epoch"] == 1
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_resume_continues_from_the_right_epoch_and_matches_an_uninterrupted_run(quick_config, small_data,
+                                                                              monkeypatch):
+    _, uninterrupted = vh.train(quick_config, small_data, progress=False)
+    original_train_epoch = vh.train_epoch
+
+    def interrupt_at_epoch_3(*args, epoch=1, **kwargs):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return original_train_epoch(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(vh, "train_epoch", interrupt_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        vh.train(quick_config, small_data, progress=False)
+    assert vh.load_checkpoint(vh.checkpoint_path(quick_config))["epoch"] == 2
+    monkeypatch.undo()
+    epochs_run = []
+    monkeypatch.setattr(vh, "train_epoch", lambda *a, epoch=1, **k: epochs_run.append(epoch) or
+                        original_train_epoch(*a, epoch=epoch, **k))
+    _, resumed = vh.train(quick_config, small_data, resume=True, progress=False)
+    assert epochs_run == [3]
+    assert resumed["train_loss"] == uninterrupted["train_loss"]
+    assert resumed["validation_loss"] == uninterrupted["validation_loss"]
+
+
+def test_a_checkpoint_of_another_config_is_never_used(quick_config, small_data):
+    vh.train(quick_config, small_data, progress=False)
+    other = {**quick_config, "beta": 1.0}
+    assert vh.checkpoint_path(other) != vh.checkpoint_path(quick_config)
+    vh.checkpoint_path(quick_config).rename(vh.checkpoint_path(other))  # a checkpoint under the wrong name
+    with pytest.raises(vh.ConfigError, match="was trained with a different config .*beta"):
+        vh.load_or_train(other, small_data, progress=False)
+
+
+def test_nan_guard_names_the_epoch_and_batch(quick_config, small_data):
+    images = small_data["train"][0].clone()
+    images[7, 100] = float("nan")
+    data = {**small_data, "train": (images, small_data["train"][1])}
+    with pytest.raises(vh.TrainingDiverged, match=r"the loss became nan at epoch 1, batch \d+; lower learning_rate"):
+        vh.train(quick_config, data, progress=False)
+
+
+def test_cli_trains_writes_the_figures_and_resumes(write_config, tmp_path):
+    path = write_config({"epochs": 1, "output_dir": "cli-run", "device": "cpu"})
+    command = [sys.executable, str(ROOT / "simple_vae.py"), "-c", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Test loss" in result.stdout
+    names = {p.name for p in (tmp_path / "cli-run").iterdir()}
+    assert {"recon.png", "gen.png", "progress.gif", "tsne.png", "history.json"} <= names
+    assert any(name.startswith("vae-") and name.endswith(".pt") for name in names)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "Test loss" in resumed.stdout
