@@ -310,19 +310,21 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1):
+def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1, parts=None):
     """One pass over ``images`` in shuffled batches; returns the mean training loss.
 
     Batches are index lookups into the one data tensor. Stops with ``TrainingDiverged`` naming the epoch and
-    batch when the loss turns NaN or infinite.
+    batch when the loss turns NaN or infinite. When ``parts`` is a dict, the epoch's mean reconstruction error
+    and KL are stored in it under "reconstruction" and "kl".
     """
     model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
     total = torch.zeros((), device=images.device)
+    part_sums = torch.zeros(2, device=images.device)
     for batch, start in enumerate(range(0, len(images), batch_size), start=1):
         x = images[order[start:start + batch_size]]
         reconstruction, mu, logvar = model(x)
-        loss, _, _ = vae_loss(reconstruction, x, mu, logvar, beta)
+        loss, reconstruction_error, kl = vae_loss(reconstruction, x, mu, logvar, beta)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch}, batch {batch}; "
                                    "lower learning_rate or check the data's normalization")
@@ -330,6 +332,9 @@ def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1):
         loss.backward()
         optimizer.step()
         total += loss.detach() * len(x)
+        part_sums += torch.stack([reconstruction_error.detach(), kl.detach()]) * len(x)
+    if parts is not None:
+        parts["reconstruction"], parts["kl"] = (part_sums / len(images)).tolist()
     return total.item() / len(images)
 
 
@@ -407,8 +412,8 @@ def train(config, data=None, resume=False, progress=True):
     model = model_from_config(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     shuffle = torch.Generator().manual_seed(config["seed"])
-    history = {"epoch": [], "train_loss": [], "validation_loss": [], "validation_reconstruction": [],
-               "validation_kl": [], "seconds": [], "frames": []}
+    history = {"epoch": [], "train_loss": [], "train_reconstruction": [], "train_kl": [], "validation_loss": [],
+               "validation_reconstruction": [], "validation_kl": [], "seconds": [], "frames": []}
     path = checkpoint_path(config)
     if resume and path.exists():
         checkpoint = load_checkpoint(path)
@@ -423,13 +428,16 @@ def train(config, data=None, resume=False, progress=True):
                desc=f"β={config['beta']:.3g}", disable=not progress)
     for epoch in bar:
         began = time.perf_counter()
+        parts = {}
         train_loss = train_epoch(model, optimizer, train_images, config["batch_size"], config["beta"], shuffle,
-                                 epoch=epoch)
+                                 epoch=epoch, parts=parts)
         validation = evaluate(model, validation_images, config["beta"])
-        for key, value in [("epoch", epoch), ("train_loss", train_loss), ("validation_loss", validation["loss"]),
+        for key, value in [("epoch", epoch), ("train_loss", train_loss), ("train_reconstruction",
+                           parts.get("reconstruction")), ("train_kl", parts.get("kl")),
+                           ("validation_loss", validation["loss"]),
                            ("validation_reconstruction", validation["reconstruction"]),
                            ("validation_kl", validation["kl"]), ("seconds", time.perf_counter() - began)]:
-            history[key].append(value)
+            history.setdefault(key, []).append(value)
         history["frames"].append(reconstruct_as_uint8(model, validation_images[:PROGRESS_IMAGES], config).cpu())
         bar.set_postfix(train=f"{train_loss:.2f}", validation=f"{validation['loss']:.2f}")
         save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
@@ -529,3 +537,162 @@ def glue(name, value, display=True):
             show(value)
         return
     myst_glue(name, value, display=display)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation metrics (chapter 5)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def posterior_parameters(model, images, batch_size=1000):
+    """The posterior means μ(x) and log-variances log σ²(x) for ``images``, each (N, latent_dim) on the CPU."""
+    model.eval()
+    parts = [model.encode(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return torch.cat([mu.cpu() for mu, _ in parts]), torch.cat([logvar.cpu() for _, logvar in parts])
+
+
+def active_units(model, images, threshold=0.01):
+    """The number of active latent dimensions and the variance of each: dimension d is active when
+    Cov_x(E_q[z_d]), the variance over ``images`` of the posterior mean μ_d(x), exceeds ``threshold``
+    (Burda et al., 2015). Returns ``(count, variances)``."""
+    variances = latent_means(model, images).var(dim=0)
+    return int((variances > threshold).sum()), variances
+
+
+def kl_per_dimension(model, images):
+    """KL(q(z_d|x) ‖ N(0, 1)) in nats for each latent dimension d, averaged over ``images``; sums to the KL."""
+    mu, logvar = posterior_parameters(model, images)
+    return (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).mean(dim=0)
+
+
+@torch.no_grad()
+def importance_weighted_log_likelihood(model, images, beta, k=100, seed=0, max_decodes=10000):
+    """The importance-weighted estimate (Burda et al., 2015) of log p(x) per image, in nats (normalized pixel units).
+
+    For each image, log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x) with z_k ~ q(z|x), under the Gaussian decoder
+    N(x̂(z), σ² I) with σ² = β / 2, as in ``gaussian_elbo_nats``. With K = 1 it is an unbiased estimate of the
+    ELBO; its expectation grows with K towards log p(x). Returns a float64 tensor (N,); images are processed in chunks
+    of ``max_decodes // k`` images, z is drawn with a fixed seed.
+    """
+    model.eval()
+    variance = beta / 2
+    generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, max_decodes // k)
+    estimates = []
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk]
+        mu, logvar = model.encode(x)
+        eps = torch.randn((k, *mu.shape), generator=generator).to(mu.device)
+        z = mu + torch.exp(0.5 * logvar) * eps  # (K, n, latent_dim)
+        squared_error = (model.decode(z) - x).double().pow(2).sum(dim=-1)
+        log_p_x_given_z = -squared_error / (2 * variance) - PIXELS / 2 * math.log(2 * math.pi * variance)
+        log_p_z = -0.5 * z.double().pow(2).sum(dim=-1)  # the constants -d/2·log 2π of p(z) and q(z|x) cancel
+        log_q_z = -0.5 * (eps.double().pow(2) + logvar.double()).sum(dim=-1)
+        log_weights = log_p_x_given_z + log_p_z - log_q_z
+        estimates.append((torch.logsumexp(log_weights, dim=0) - math.log(k)).cpu())
+    return torch.cat(estimates)
+
+
+def frechet_distance(features_a, features_b):
+    """The Fréchet distance between Gaussians fitted to two sets of feature rows (Heusel et al., 2017):
+    ‖m_a − m_b‖² + tr(C_a + C_b − 2 (C_a C_b)^½).
+
+    tr (C_a C_b)^½ is computed as tr (A C_b A)^½ with A = C_a^½ (same eigenvalues), from symmetric
+    eigendecompositions.
+    """
+    a, b = features_a.double(), features_b.double()
+    mean_a, mean_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    trace_root = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    distance = (mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
+    return max(distance.item(), 0.0)
+
+
+def gaussian_fit_kl_to_prior(means, variances=None):
+    """KL(N(m, S) ‖ N(0, I)) in nats, where m and S are the mean and covariance of the rows of ``means``.
+
+    With ``variances`` (the encoder's σ²(x), same shape), their average is added to the diagonal of S: then
+    N(m, S) matches the mean and covariance of the aggregate posterior q(z) = E_x q(z|x).
+    """
+    m, covariance = means.double().mean(0), torch.cov(means.double().T).reshape(means.shape[1], -1)
+    if variances is not None:
+        covariance = covariance + torch.diag(variances.double().mean(0))
+    return 0.5 * (covariance.trace() + m @ m - len(m) - torch.logdet(covariance)).item()
+
+
+class MNISTClassifier(nn.Module):
+    """The reference classifier that scores generated digits: an MLP 784 → 256 → 256 → 10 on normalized images.
+
+    ``features`` (the penultimate layer, after its ReLU) are the features of the Fréchet distance.
+    """
+
+    def __init__(self, hidden_sizes=(256, 256)):
+        super().__init__()
+        self.features = nn.Sequential(mlp([PIXELS, *hidden_sizes]), nn.ReLU())
+        self.head = nn.Linear(hidden_sizes[-1], 10)
+
+    def forward(self, x):
+        """Class logits (N, 10)."""
+        return self.head(self.features(x))
+
+
+# How the reference classifier is trained: Adam with the learning rate decayed linearly to 0, on the training split.
+CLASSIFIER_SETTINGS = {"hidden_sizes": [256, 256], "epochs": 6, "batch_size": 128, "learning_rate": 1.0e-3, "seed": 0}
+
+
+def classifier_path(config, settings=CLASSIFIER_SETTINGS):
+    """Where the reference classifier is cached: keyed by its settings and the config's data keys."""
+    keys = ("normalize_mean", "normalize_std", "validation_size", "validation_seed")
+    identity = {"settings": settings, "data": {k: config[k] for k in keys}}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(config["output_dir"]) / f"classifier-{key}.pt"
+
+
+def load_or_train_classifier(config, data=None, settings=CLASSIFIER_SETTINGS):
+    """The reference MNIST classifier (eval mode, CPU): loaded from ``output_dir`` when cached, else trained on the
+    training split with a fixed seed (about 10 s on a 2-core CPU) and saved with ``save_checkpoint``."""
+    path = classifier_path(config, settings)
+    classifier = MNISTClassifier(settings["hidden_sizes"])
+    if path.exists():
+        classifier.load_state_dict(load_checkpoint(path)["model"])
+        return classifier.eval()
+    images, labels = (data or mnist_splits(config, "cpu"))["train"]
+    images, labels = images.cpu(), labels.cpu()
+    torch.manual_seed(settings["seed"])
+    classifier = MNISTClassifier(settings["hidden_sizes"])
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=settings["learning_rate"])
+    shuffle = torch.Generator().manual_seed(settings["seed"])
+    batch_size, step = settings["batch_size"], 0
+    steps = settings["epochs"] * math.ceil(len(images) / batch_size)
+    classifier.train()
+    for _ in range(settings["epochs"]):
+        order = torch.randperm(len(images), generator=shuffle)
+        for start in range(0, len(images), batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = settings["learning_rate"] * (1 - step / steps)
+            batch = order[start:start + batch_size]
+            loss = nn.functional.cross_entropy(classifier(images[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    save_checkpoint(path, {"model": classifier.state_dict(), "settings": settings})
+    return classifier.eval()
+
+
+@torch.no_grad()
+def classifier_outputs(classifier, images, batch_size=2000):
+    """The classifier's penultimate-layer features (N, 256) and class probabilities (N, 10), on the CPU."""
+    classifier.eval()
+    features = torch.cat([classifier.features(images[i:i + batch_size].cpu()) for i in range(0, len(images),
+                                                                                                batch_size)])
+    return features, torch.softmax(classifier.head(features), dim=-1)
+
+
+def class_histogram_entropy(probabilities):
+    """The entropy in nats of the histogram of predicted classes: ln 10 ≈ 2.303 when all ten digits are equally
+    frequent, 0 when every image is called the same digit."""
+    frequencies = torch.bincount(probabilities.argmax(dim=-1), minlength=probabilities.shape[-1]).double()
+    frequencies = frequencies[frequencies > 0] / frequencies.sum()
+    return -(frequencies * frequencies.log()).sum().item()
