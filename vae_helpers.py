@@ -310,17 +310,16 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1, parts=None):
-    """One pass over ``images`` in shuffled batches; returns the mean training loss.
+def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1):
+    """One pass over ``images`` in shuffled batches; returns the epoch's mean loss, reconstruction error and KL
+    as a dict with the keys "loss", "reconstruction" and "kl".
 
     Batches are index lookups into the one data tensor. Stops with ``TrainingDiverged`` naming the epoch and
-    batch when the loss turns NaN or infinite. When ``parts`` is a dict, the epoch's mean reconstruction error
-    and KL are stored in it under "reconstruction" and "kl".
+    batch when the loss turns NaN or infinite.
     """
     model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
-    total = torch.zeros((), device=images.device)
-    part_sums = torch.zeros(2, device=images.device)
+    sums = torch.zeros(3, device=images.device)  # loss, reconstruction error, KL, each summed over images
     for batch, start in enumerate(range(0, len(images), batch_size), start=1):
         x = images[order[start:start + batch_size]]
         reconstruction, mu, logvar = model(x)
@@ -331,11 +330,9 @@ def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach() * len(x)
-        part_sums += torch.stack([reconstruction_error.detach(), kl.detach()]) * len(x)
-    if parts is not None:
-        parts["reconstruction"], parts["kl"] = (part_sums / len(images)).tolist()
-    return total.item() / len(images)
+        sums += torch.stack([loss.detach(), reconstruction_error.detach(), kl.detach()]) * len(x)
+    loss, reconstruction_error, kl = (sums / len(images)).tolist()
+    return {"loss": loss, "reconstruction": reconstruction_error, "kl": kl}
 
 
 @torch.no_grad()
@@ -428,18 +425,17 @@ def train(config, data=None, resume=False, progress=True):
                desc=f"β={config['beta']:.3g}", disable=not progress)
     for epoch in bar:
         began = time.perf_counter()
-        parts = {}
-        train_loss = train_epoch(model, optimizer, train_images, config["batch_size"], config["beta"], shuffle,
-                                 epoch=epoch, parts=parts)
+        train_parts = train_epoch(model, optimizer, train_images, config["batch_size"], config["beta"], shuffle,
+                                  epoch=epoch)
         validation = evaluate(model, validation_images, config["beta"])
-        for key, value in [("epoch", epoch), ("train_loss", train_loss), ("train_reconstruction",
-                           parts.get("reconstruction")), ("train_kl", parts.get("kl")),
+        for key, value in [("epoch", epoch), ("train_loss", train_parts["loss"]),
+                           ("train_reconstruction", train_parts["reconstruction"]), ("train_kl", train_parts["kl"]),
                            ("validation_loss", validation["loss"]),
                            ("validation_reconstruction", validation["reconstruction"]),
                            ("validation_kl", validation["kl"]), ("seconds", time.perf_counter() - began)]:
-            history.setdefault(key, []).append(value)
+            history[key].append(value)
         history["frames"].append(reconstruct_as_uint8(model, validation_images[:PROGRESS_IMAGES], config).cpu())
-        bar.set_postfix(train=f"{train_loss:.2f}", validation=f"{validation['loss']:.2f}")
+        bar.set_postfix(train=f"{train_parts['loss']:.2f}", validation=f"{validation['loss']:.2f}")
         save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
                                "history": history, "epoch": epoch, "shuffle_rng": shuffle.get_state(),
                                "torch_rng": torch.get_rng_state()})
