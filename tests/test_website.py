@@ -300,6 +300,11 @@ def test_page_renders(tab, site, page):
     problems += [f"formula not typeset by MathJax: {formula!r}" for formula in math["untypeset"]]
     problems += [f"MathJax error: {error}" for error in math["errors"]]
 
+    # A table row separator such as |---:| in a paragraph (its dashes possibly made an en or em dash by smartquotes)
+    raw_markdown = tab.page.evaluate("""() => Array.from(document.querySelectorAll('article p'))
+        .map(paragraph => paragraph.textContent).filter(text => /\\|\\s*:?(-{3,}|[\u2013\u2014]-*):?\\s*\\|/.test(text))""")
+    problems += [f"a Markdown table shown as text, not rendered: {text[:80]!r}" for text in raw_markdown]
+
     tab.page.screenshot(path=str(SCREENSHOTS / f"{Path(page).name}.png"), full_page=True)
     assert not problems, f"{page}.html:\n" + "\n".join(problems)
 
