@@ -3,6 +3,9 @@
 Writes into the config's output directory: the checkpoint, ``history.json``, ``recon.png`` (test images above
 their reconstructions), ``gen.png`` (samples from the prior), ``progress.gif`` (validation reconstructions after
 each epoch) and ``tsne.png`` (t-SNE of test-set latent means, coloured by digit); prints the test metrics.
+
+A finished checkpoint of the same config is reused, not retrained (``--retrain`` trains again from scratch); an
+interrupted run is continued with ``--resume``, never silently overwritten.
 """
 
 import argparse
@@ -49,15 +52,26 @@ def save_figures(model, history, data, config, output_dir, tsne_points=3000):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the MLP VAE of the book on MNIST.")
     parser.add_argument("-c", "--config", default="config.yaml", help="YAML config (default: config.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    choice.add_argument("--retrain", action="store_true", help="train from scratch, replacing this config's checkpoint")
     args = parser.parse_args(argv)
     try:
         config = vh.load_config(args.config)
         device = vh.select_device(config["device"])
         data = vh.mnist_splits(config, device)
-        print(f"Training on {device}: {len(data['train'][0])} training, {len(data['validation'][0])} validation "
-              f"images; β = {config['beta']:.4g}; checkpoint {vh.checkpoint_path(config)}")
-        model, history = vh.train(config, data, resume=args.resume)
+        path = vh.checkpoint_path(config)
+        if path.exists() and not (args.resume or args.retrain):
+            epoch = vh.load_checkpoint(path)["epoch"]
+            if epoch < config["epochs"]:
+                raise vh.ConfigError(f"'{path}' holds an interrupted run (epoch {epoch} of {config['epochs']}): "
+                                     "continue it with --resume, or start over with --retrain")
+            print(f"Reusing the trained model in {path} ({epoch} epochs); --retrain trains it again")
+            model, history = vh.load_or_train(config, data)
+        else:
+            print(f"Training on {device}: {len(data['train'][0])} training, {len(data['validation'][0])} validation "
+                  f"images; β = {config['beta']:.4g}; checkpoint {path}")
+            model, history = vh.train(config, data, resume=args.resume)
     except (vh.ConfigError, vh.TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -71,7 +85,7 @@ def main(argv=None):
     test = vh.evaluate(model, data["test"][0], config["beta"])
     print(f"Test loss {test['loss']:.2f} = reconstruction {test['reconstruction']:.2f} + β × KL, KL = {test['kl']:.2f} nats "
           f"(ELBO {vh.gaussian_elbo_nats(test['loss'], config['beta']):.1f} nats under σ² = β/2)")
-    print(f"Wrote the checkpoint, history.json, recon.png, gen.png, progress.gif and tsne.png to {output_dir}")
+    print(f"Wrote history.json, recon.png, gen.png, progress.gif and tsne.png to {output_dir}; checkpoint {path}")
     return 0
 
 

@@ -97,14 +97,35 @@ def test_nan_guard_names_the_epoch_and_batch(quick_config, small_data):
         vh.train(quick_config, data, progress=False)
 
 
-def test_cli_trains_writes_the_figures_and_resumes(write_config, tmp_path):
+def test_cli_trains_writes_the_figures_reuses_and_resumes(write_config, tmp_path):
     path = write_config({"epochs": 1, "output_dir": "cli-run", "device": "cpu"})
     command = [sys.executable, str(ROOT / "simple_vae.py"), "-c", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "Test loss" in result.stdout
+    assert "Training on cpu" in result.stdout and "Test loss" in result.stdout
     names = {p.name for p in (tmp_path / "cli-run").iterdir()}
     assert {"recon.png", "gen.png", "progress.gif", "tsne.png", "history.json"} <= names
-    assert any(name.startswith("vae-") and name.endswith(".pt") for name in names)
+    checkpoint = next(tmp_path.glob("cli-run/vae-*.pt"))
+
+    # A second run reuses the finished model: same checkpoint file, same test metrics, no training.
+    written = checkpoint.stat().st_mtime_ns
+    reused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert reused.returncode == 0, reused.stderr
+    assert "Reusing the trained model" in reused.stdout and "Training on" not in reused.stdout
+    assert checkpoint.stat().st_mtime_ns == written
+    test_line = [line for line in result.stdout.splitlines() if line.startswith("Test loss")]
+    assert [line for line in reused.stdout.splitlines() if line.startswith("Test loss")] == test_line
+
+    # With more epochs the checkpoint is an interrupted run: a plain run refuses to overwrite it, --resume continues.
+    longer = write_config({"epochs": 2, "output_dir": "cli-run", "device": "cpu"}, name="longer.yaml")
+    interrupted = vh.load_checkpoint(checkpoint)
+    interrupted["config"] = vh.load_config(longer)
+    vh.save_checkpoint(vh.checkpoint_path(vh.load_config(longer)), interrupted)
+    command = [sys.executable, str(ROOT / "simple_vae.py"), "-c", str(longer)]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0
+    assert "interrupted run (epoch 1 of 2): continue it with --resume, or start over with --retrain" in refused.stderr
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0 and "Test loss" in resumed.stdout
+    assert resumed.returncode == 0 and "Test loss" in resumed.stdout, resumed.stderr
+    assert vh.load_checkpoint(vh.checkpoint_path(vh.load_config(longer)))["epoch"] == 2
