@@ -60,3 +60,15 @@ def test_no_output_holds_an_error_or_a_local_path(path):
             assert output["output_type"] != "error", f"{path.name}, cell {index}: the committed output is an error"
             text = json.dumps(output.get("text", "")) + json.dumps(output.get("data", {}).get("text/plain", ""))
             assert "/work/" not in text and "/home/" not in text, f"{path.name}, cell {index} prints a local path"
+
+
+def test_every_link_to_the_repository_names_the_one_in_config():
+    """The repository's URL lives in _config.yml; the notebooks, the landing page and the README must agree."""
+    owner_and_name = REPOSITORY.removeprefix("https://github.com/")
+    pattern = re.compile(r"(?:github\.com|colab\.research\.google\.com/github)/([\w.-]+/[\w.-]+?)(?=[/\s)\]\"']|\.git|$)")
+    files = [*NOTEBOOKS, ROOT / "book" / "intro.md", ROOT / "README.md"]
+    found = {path.name: set(pattern.findall(path.read_text(encoding="utf8"))) for path in files}
+    assert found[NOTEBOOKS[0].name], "the pattern should find the Colab links"
+    wrong = {name: names - {owner_and_name} for name, names in found.items() if names - {owner_and_name}}
+    assert not wrong, f"links to a repository other than {REPOSITORY} (from _config.yml): {wrong}"
+

@@ -41,7 +41,7 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's package `chromium`; CHROMIUM=/p
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
-REPOSITORY = "https://github.com/vae-book/hands-on-vae"  # as in _config.yml and the notebooks' Colab cells
+REPOSITORY = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf8"))["repository"]["url"]
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 ALLOWED_EXTERNAL = {COLAB_BADGE}  # the only thing a page may fetch from outside the site (offline: it fails)
 
