@@ -97,6 +97,7 @@ def test_nan_guard_names_the_epoch_and_batch(quick_config, small_data):
         vh.train(quick_config, data, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_trains_writes_the_figures_reuses_and_resumes(write_config, tmp_path):
     path = write_config({"epochs": 1, "output_dir": "cli-run", "device": "cpu"})
     command = [sys.executable, str(ROOT / "simple_vae.py"), "-c", str(path)]

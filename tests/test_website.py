@@ -32,6 +32,8 @@ from urllib.parse import urldefrag, urljoin
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # builds the site and drives a browser: about a minute
+
 ROOT = Path(__file__).resolve().parent.parent
 BOOK = ROOT / "book"
 HTML = ROOT / "_build" / "html"
