@@ -508,8 +508,7 @@ def progress_gif(frames, nrow=8, scale=2, milliseconds=300):
 @torch.no_grad()
 def latent_means(model, images, batch_size=1000):
     """The posterior means μ(x) for ``images``, as one (N, latent_dim) tensor on the CPU."""
-    model.eval()
-    return torch.cat([model.encode(images[i:i + batch_size])[0].cpu() for i in range(0, len(images), batch_size)])
+    return posterior_parameters(model, images, batch_size)[0]
 
 
 def gif_html(gif_bytes, width=None):
@@ -558,7 +557,7 @@ def active_units(model, images, threshold=0.01):
 def kl_per_dimension(model, images):
     """KL(q(z_d|x) ‖ N(0, 1)) in nats for each latent dimension d, averaged over ``images``; sums to the KL."""
     mu, logvar = posterior_parameters(model, images)
-    return (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).mean(dim=0)
+    return kl_divergence(mu.unsqueeze(-1), logvar.unsqueeze(-1)).mean(dim=0)  # a trailing axis of one dimension
 
 
 @torch.no_grad()
@@ -605,15 +604,21 @@ def frechet_distance(features_a, features_b):
     return max(distance.item(), 0.0)
 
 
-def gaussian_fit_kl_to_prior(means, variances=None):
-    """KL(N(m, S) ‖ N(0, I)) in nats, where m and S are the mean and covariance of the rows of ``means``.
+def aggregate_posterior_moments(means, variances=None):
+    """The mean m and covariance S of the rows of ``means`` (float64).
 
-    With ``variances`` (the encoder's σ²(x), same shape), their average is added to the diagonal of S: then
-    N(m, S) matches the mean and covariance of the aggregate posterior q(z) = E_x q(z|x).
+    With ``variances`` (the encoder's σ²(x), same shape), their average is added to the diagonal of S (the law of
+    total covariance): then m and S are the mean and covariance of the aggregate posterior q(z) = E_x q(z|x).
     """
     m, covariance = means.double().mean(0), torch.cov(means.double().T).reshape(means.shape[1], -1)
     if variances is not None:
         covariance = covariance + torch.diag(variances.double().mean(0))
+    return m, covariance
+
+
+def gaussian_fit_kl_to_prior(means, variances=None):
+    """KL(N(m, S) ‖ N(0, I)) in nats, with m and S from ``aggregate_posterior_moments(means, variances)``."""
+    m, covariance = aggregate_posterior_moments(means, variances)
     return 0.5 * (covariance.trace() + m @ m - len(m) - torch.logdet(covariance)).item()
 
 
@@ -649,8 +654,8 @@ def load_or_train_classifier(config, data=None, settings=CLASSIFIER_SETTINGS):
     """The reference MNIST classifier (eval mode, CPU): loaded from ``output_dir`` when cached, else trained on the
     training split with a fixed seed (about 10 s on a 2-core CPU) and saved with ``save_checkpoint``."""
     path = classifier_path(config, settings)
-    classifier = MNISTClassifier(settings["hidden_sizes"])
     if path.exists():
+        classifier = MNISTClassifier(settings["hidden_sizes"])
         classifier.load_state_dict(load_checkpoint(path)["model"])
         return classifier.eval()
     images, labels = (data or mnist_splits(config, "cpu"))["train"]
