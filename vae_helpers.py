@@ -1,6 +1,8 @@
-"""Shared helpers for the VAE book: configuration, MNIST data, the model, the loss, training and display.
+"""Shared helpers for the VAE book: configuration, MNIST data, the model, the loss,
+training and display.
 
-Every chapter and the command line (``simple_vae.py``) import this one module, so the algorithm is written once.
+Every chapter and the command line (``simple_vae.py``) import this one module, so the
+algorithm is written once.
 It is deliberately plain: small functions and one ``nn.Module``.
 """
 
@@ -27,9 +29,10 @@ MNIST_FILES = {  # the four IDX files torchvision reads, with their exact sizes 
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Configuration
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 class ConfigError(ValueError):
     """A bad configuration or input, explained in one line."""
@@ -52,7 +55,8 @@ DEFAULT_CONFIG = {
     "output_dir": "outputs",
 }
 TRAINING_SET_SIZE = 60000
-# Keys that change where things are, not what is trained: they are left out of a checkpoint's identity.
+# Keys that change where things are, not what is trained: they are left out of a
+# checkpoint's identity.
 LOCATION_KEYS = ("data_root", "device", "output_dir")
 
 
@@ -77,43 +81,94 @@ def _check(key, value, ok, expected):
 
 
 def validate_config(config):
-    """Check every key of a configuration dict; return a new dict with defaults filled in and β resolved.
+    """Check every key of a configuration dict; return a new dict with defaults filled
+    in and β resolved.
 
-    Each problem raises ``ConfigError`` with one line naming the key, the value and what is expected.
+    Each problem raises ``ConfigError`` with one line naming the key, the value and what
+    is expected.
     """
     if not isinstance(config, dict):
-        raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(config).__name__}")
+        raise ConfigError(
+            "the configuration must be a mapping of keys to values, got"
+            f" {type(config).__name__}"
+        )
     for key in config:
         if key not in DEFAULT_CONFIG:
             close = difflib.get_close_matches(str(key), DEFAULT_CONFIG, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(DEFAULT_CONFIG)})"
+            hint = (
+                f" (did you mean '{close[0]}'?)"
+                if close
+                else f" (known keys: {', '.join(DEFAULT_CONFIG)})"
+            )
             raise ConfigError(f"unknown key '{key}'{hint}")
     c = {**DEFAULT_CONFIG, **config}
     for key in ("data_root", "output_dir"):
-        _check(key, c[key], isinstance(c[key], str) and c[key] != "", "a non-empty path")
-    _check("normalize_mean", c["normalize_mean"], _is_number(c["normalize_mean"]) and 0 <= c["normalize_mean"] <= 1,
-           "a number in [0, 1] (the training pixel mean, 0.1307)")
-    _check("normalize_std", c["normalize_std"], _is_number(c["normalize_std"]) and c["normalize_std"] > 0,
-           "a number > 0 (the training pixel std, 0.3081)")
-    _check("validation_size", c["validation_size"],
-           _is_int(c["validation_size"]) and 1 <= c["validation_size"] < TRAINING_SET_SIZE,
-           f"an integer from 1 to {TRAINING_SET_SIZE - 1}, so that training images remain")
+        _check(
+            key, c[key], isinstance(c[key], str) and c[key] != "", "a non-empty path"
+        )
+    _check(
+        "normalize_mean",
+        c["normalize_mean"],
+        _is_number(c["normalize_mean"]) and 0 <= c["normalize_mean"] <= 1,
+        "a number in [0, 1] (the training pixel mean, 0.1307)",
+    )
+    _check(
+        "normalize_std",
+        c["normalize_std"],
+        _is_number(c["normalize_std"]) and c["normalize_std"] > 0,
+        "a number > 0 (the training pixel std, 0.3081)",
+    )
+    _check(
+        "validation_size",
+        c["validation_size"],
+        _is_int(c["validation_size"]) and 1 <= c["validation_size"] < TRAINING_SET_SIZE,
+        f"an integer from 1 to {TRAINING_SET_SIZE - 1}, so that training images remain",
+    )
     for key in ("validation_seed", "seed"):
         _check(key, c[key], _is_int(c[key]) and c[key] >= 0, "an integer >= 0")
     sizes = c["hidden_sizes"]
-    _check("hidden_sizes", sizes, isinstance(sizes, list) and len(sizes) > 0
-           and all(_is_int(s) and s >= 1 for s in sizes), "a non-empty list of integers >= 1, like [100, 100]")
+    _check(
+        "hidden_sizes",
+        sizes,
+        isinstance(sizes, list)
+        and len(sizes) > 0
+        and all(_is_int(s) and s >= 1 for s in sizes),
+        "a non-empty list of integers >= 1, like [100, 100]",
+    )
     for key in ("latent_dim", "epochs", "batch_size"):
         _check(key, c[key], _is_int(c[key]) and c[key] >= 1, "an integer >= 1")
-    _check("batch_size", c["batch_size"], c["batch_size"] <= TRAINING_SET_SIZE - c["validation_size"],
-           "at most the number of training images")
-    _check("beta", c["beta"], c["beta"] == "auto" or (_is_number(c["beta"]) and c["beta"] >= 0 and
-           math.isfinite(c["beta"])), "'auto' (latent_dim / 784) or a number >= 0")
-    _check("learning_rate", c["learning_rate"], _is_number(c["learning_rate"]) and c["learning_rate"] > 0
-           and math.isfinite(c["learning_rate"]), "a number > 0, like 1.0e-3")
+    _check(
+        "batch_size",
+        c["batch_size"],
+        c["batch_size"] <= TRAINING_SET_SIZE - c["validation_size"],
+        "at most the number of training images",
+    )
+    _check(
+        "beta",
+        c["beta"],
+        c["beta"] == "auto"
+        or (_is_number(c["beta"]) and c["beta"] >= 0 and math.isfinite(c["beta"])),
+        "'auto' (latent_dim / 784) or a number >= 0",
+    )
+    _check(
+        "learning_rate",
+        c["learning_rate"],
+        _is_number(c["learning_rate"])
+        and c["learning_rate"] > 0
+        and math.isfinite(c["learning_rate"]),
+        "a number > 0, like 1.0e-3",
+    )
     device = c["device"]
-    _check("device", device, isinstance(device, str) and (device in ("auto", "cpu", "cuda", "mps")
-           or (device.startswith("cuda:") and device[5:].isdigit())), "one of auto, cpu, cuda, cuda:N, mps")
+    _check(
+        "device",
+        device,
+        isinstance(device, str)
+        and (
+            device in ("auto", "cpu", "cuda", "mps")
+            or (device.startswith("cuda:") and device[5:].isdigit())
+        ),
+        "one of auto, cpu, cuda, cuda:N, mps",
+    )
     if c["beta"] == "auto":
         c["beta"] = c["latent_dim"] / PIXELS
     c["beta"] = float(c["beta"])
@@ -122,13 +177,17 @@ def validate_config(config):
 
 
 def load_config(path="config.yaml", **overrides):
-    """Read a YAML config, apply ``overrides``, validate it and resolve paths relative to the file's folder.
+    """Read a YAML config, apply ``overrides``, validate it and resolve paths relative
+    to the file's folder.
 
-    The environment variable ``MNIST_ROOT``, when set, replaces ``data_root`` (CI and offline copies use it).
+    The environment variable ``MNIST_ROOT``, when set, replaces ``data_root`` (CI and
+    offline copies use it).
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found (pass -c with the path to config.yaml)")
+        raise ConfigError(
+            f"config file '{path}' not found (pass -c with the path to config.yaml)"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
@@ -137,7 +196,13 @@ def load_config(path="config.yaml", **overrides):
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
     try:
-        config = validate_config(raw if not overrides else {**raw, **overrides} if isinstance(raw, dict) else raw)
+        config = validate_config(
+            raw
+            if not overrides
+            else {**raw, **overrides}
+            if isinstance(raw, dict)
+            else raw
+        )
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     for key in ("data_root", "output_dir"):
@@ -148,9 +213,12 @@ def load_config(path="config.yaml", **overrides):
 
 
 def config_key(config):
-    """A short hash of everything that changes the trained model: a checkpoint's identity."""
+    """A short hash of everything that changes the trained model: a checkpoint's
+    identity."""
     identity = {k: v for k, v in sorted(config.items()) if k not in LOCATION_KEYS}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[
+        :12
+    ]
 
 
 def select_device(name="auto"):
@@ -164,35 +232,46 @@ def select_device(name="auto"):
     return torch.device("cpu")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Data
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 def check_mnist_files(root):
-    """Raise ``ConfigError`` if an MNIST file under ``root/MNIST/raw`` exists with the wrong size (truncated)."""
+    """Raise ``ConfigError`` if an MNIST file under ``root/MNIST/raw`` exists with the
+    wrong size (truncated)."""
     raw = Path(root) / "MNIST" / "raw"
     for name, size in MNIST_FILES.items():
         file = raw / name
         if file.exists() and file.stat().st_size != size:
-            raise ConfigError(f"MNIST file {file} is {file.stat().st_size} bytes, expected {size}: it is truncated "
-                              "or corrupt; delete it to download it again, or copy a good one there")
+            raise ConfigError(
+                f"MNIST file {file} is {file.stat().st_size} bytes, expected {size}: it"
+                " is truncated or corrupt; delete it to download it again, or copy a"
+                " good one there"
+            )
 
 
 def load_mnist(root, train=True, download=True):
-    """The MNIST training (60,000) or test (10,000) images as a uint8 tensor (N, 28, 28), and their labels.
+    """The MNIST training (60,000) or test (10,000) images as a uint8 tensor (N, 28,
+    28), and their labels.
 
-    Uses ``torchvision.datasets.MNIST`` under ``root`` (downloading when online and the files are missing).
+    Uses ``torchvision.datasets.MNIST`` under ``root`` (downloading when online and the
+    files are missing).
     """
     from torchvision.datasets import MNIST
 
     check_mnist_files(root)
     try:
         dataset = MNIST(root, train=train, download=download)
-    except Exception as error:  # torchvision raises RuntimeError or URLError when offline or the files are bad
+    # torchvision raises RuntimeError or URLError when offline or the files are bad
+    except Exception as error:
         raw = Path(root) / "MNIST" / "raw"
-        raise ConfigError(f"cannot load MNIST from {raw} ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                          f"put the four uncompressed IDX files ({', '.join(MNIST_FILES)}) there, or set "
-                          "MNIST_ROOT to the folder that holds MNIST/raw") from None
+        raise ConfigError(
+            f"cannot load MNIST from {raw} ({type(error).__name__}:"
+            f" {str(error).splitlines()[0]}); put the four uncompressed IDX files"
+            f" ({', '.join(MNIST_FILES)}) there, or set MNIST_ROOT to the folder that"
+            " holds MNIST/raw"
+        ) from None
     return dataset.data, dataset.targets
 
 
@@ -202,33 +281,50 @@ def normalize(images, mean=0.1307, std=0.3081):
 
 
 def denormalize(x, mean=0.1307, std=0.3081):
-    """Normalized vectors → images in [0, 1] of shape (N, 1, 28, 28), clipped for display."""
+    """Normalized vectors → images in [0, 1] of shape (N, 1, 28, 28), clipped for
+    display."""
     return (x.detach().float().cpu() * std + mean).clamp(0, 1).reshape(-1, 1, 28, 28)
 
 
 def mnist_splits(config, device=None):
-    """Training, validation and test sets as ``{"train": (x, y), "validation": (x, y), "test": (x, y)}``.
+    """Training, validation and test sets as ``{"train": (x, y), "validation": (x, y),
+    "test": (x, y)}``.
 
-    Each ``x`` is one normalized float tensor (N, 784) on ``device``; training batches index into it, so there is
-    no per-image transform in the training loop. The validation images are ``validation_size`` training images
-    chosen with ``validation_seed``; the 10,000 test images are never used for training or model selection.
+    Each ``x`` is one normalized float tensor (N, 784) on ``device``; training batches
+    index into it, so there is
+    no per-image transform in the training loop. The validation images are
+    ``validation_size`` training images
+    chosen with ``validation_seed``; the 10,000 test images are never used for training
+    or model selection.
     """
     device = device or select_device(config["device"])
     mean, std = config["normalize_mean"], config["normalize_std"]
     images, labels = load_mnist(config["data_root"], train=True)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config["validation_seed"]))
-    validation, train = order[:config["validation_size"]], order[config["validation_size"]:]
+    order = torch.randperm(
+        len(images), generator=torch.Generator().manual_seed(config["validation_seed"])
+    )
+    validation, train = (
+        order[: config["validation_size"]],
+        order[config["validation_size"] :],
+    )
     test_images, test_labels = load_mnist(config["data_root"], train=False)
     return {
-        "train": (normalize(images[train], mean, std).to(device), labels[train].to(device)),
-        "validation": (normalize(images[validation], mean, std).to(device), labels[validation].to(device)),
+        "train": (
+            normalize(images[train], mean, std).to(device),
+            labels[train].to(device),
+        ),
+        "validation": (
+            normalize(images[validation], mean, std).to(device),
+            labels[validation].to(device),
+        ),
         "test": (normalize(test_images, mean, std).to(device), test_labels.to(device)),
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Model and loss
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 def mlp(sizes):
     """Linear layers with ReLU between them and a linear last layer."""
@@ -239,9 +335,11 @@ def mlp(sizes):
 
 
 class VAE(nn.Module):
-    """An MLP VAE: encoder 784 → hidden → (μ, log σ²), decoder latent → hidden reversed → 784.
+    """An MLP VAE: encoder 784 → hidden → (μ, log σ²), decoder latent → hidden reversed
+    → 784.
 
-    The decoder's output layer is linear: normalized pixels range from -0.42 to 2.82, which a sigmoid, tanh or
+    The decoder's output layer is linear: normalized pixels range from -0.42 to 2.82,
+    which a sigmoid, tanh or
     ReLU head would clip.
     """
 
@@ -252,7 +350,8 @@ class VAE(nn.Module):
         self.decoder = mlp([latent_dim, *reversed(hidden_sizes), PIXELS])
 
     def encode(self, x):
-        """The posterior q(z|x) = N(μ, diag σ²) as its mean and log-variance, each (N, latent_dim)."""
+        """The posterior q(z|x) = N(μ, diag σ²) as its mean and log-variance, each (N,
+        latent_dim)."""
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
         return mu, logvar
 
@@ -261,7 +360,8 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def forward(self, x, generator=None):
-        """Encode, sample z = μ + σ·ε with the reparameterization trick, decode; return (x̂, μ, log σ²)."""
+        """Encode, sample z = μ + σ·ε with the reparameterization trick, decode; return
+        (x̂, μ, log σ²)."""
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, generator)
         return self.decode(z), mu, logvar
@@ -279,15 +379,19 @@ def reparameterize(mu, logvar, generator=None):
 
 
 def kl_divergence(mu, logvar):
-    """Closed-form KL(N(μ, diag σ²) ‖ N(0, I)) per image, summed over the latent dimensions."""
+    """Closed-form KL(N(μ, diag σ²) ‖ N(0, I)) per image, summed over the latent
+    dimensions."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(dim=-1)
 
 
 def vae_loss(reconstruction, x, mu, logvar, beta):
-    """The loss per image, SSE over 784 pixels + β · KL over the latents, averaged over the batch.
+    """The loss per image, SSE over 784 pixels + β · KL over the latents, averaged over
+    the batch.
 
-    Returns ``(total, reconstruction_error, kl)``, each a batch mean. Summing over pixels and latents first keeps
-    β's meaning: a per-element mean would divide the SSE by 784 and the KL by the latent size.
+    Returns ``(total, reconstruction_error, kl)``, each a batch mean. Summing over
+    pixels and latents first keeps
+    β's meaning: a per-element mean would divide the SSE by 784 and the KL by the latent
+    size.
     """
     squared_error = (reconstruction - x).pow(2).sum(dim=-1)
     kl = kl_divergence(mu, logvar)
@@ -295,54 +399,66 @@ def vae_loss(reconstruction, x, mu, logvar, beta):
 
 
 def gaussian_elbo_nats(total_loss, beta):
-    """The ELBO per image in nats (normalized pixel units) of a Gaussian decoder with variance σ² = β / 2.
+    """The ELBO per image in nats (normalized pixel units) of a Gaussian decoder with
+    variance σ² = β / 2.
 
-    With σ² = β/2, log p(x|z) = -SSE/β - (784/2)·log(πβ), so ELBO = -(SSE + β·KL)/β - 392·log(πβ).
+    With σ² = β/2, log p(x|z) = -SSE/β - (784/2)·log(πβ), so ELBO = -(SSE + β·KL)/β -
+    392·log(πβ).
     """
     return -total_loss / beta - PIXELS / 2 * math.log(math.pi * beta)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Training
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
 def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1):
-    """One pass over ``images`` in shuffled batches; returns the epoch's mean loss, reconstruction error and KL
+    """One pass over ``images`` in shuffled batches; returns the epoch's mean loss,
+    reconstruction error and KL
     as a dict with the keys "loss", "reconstruction" and "kl".
 
-    Batches are index lookups into the one data tensor. Stops with ``TrainingDiverged`` naming the epoch and
+    Batches are index lookups into the one data tensor. Stops with ``TrainingDiverged``
+    naming the epoch and
     batch when the loss turns NaN or infinite.
     """
     model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
-    sums = torch.zeros(3, device=images.device)  # loss, reconstruction error, KL, each summed over images
+    sums = torch.zeros(
+        3, device=images.device
+    )  # loss, reconstruction error, KL, each summed over images
     for batch, start in enumerate(range(0, len(images), batch_size), start=1):
-        x = images[order[start:start + batch_size]]
+        x = images[order[start : start + batch_size]]
         reconstruction, mu, logvar = model(x)
         loss, reconstruction_error, kl = vae_loss(reconstruction, x, mu, logvar, beta)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch}, batch {batch}; "
-                                   "lower learning_rate or check the data's normalization")
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at epoch {epoch}, batch {batch}; "
+                "lower learning_rate or check the data's normalization"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums += torch.stack([loss.detach(), reconstruction_error.detach(), kl.detach()]) * len(x)
+        sums += torch.stack(
+            [loss.detach(), reconstruction_error.detach(), kl.detach()]
+        ) * len(x)
     loss, reconstruction_error, kl = (sums / len(images)).tolist()
     return {"loss": loss, "reconstruction": reconstruction_error, "kl": kl}
 
 
 @torch.no_grad()
 def evaluate(model, images, beta, batch_size=1000, seed=0):
-    """The loss and its two parts, averaged over ``images``; z is sampled with a fixed seed, so it repeats."""
+    """The loss and its two parts, averaged over ``images``; z is sampled with a fixed
+    seed, so it repeats."""
     model.eval()
     generator = torch.Generator(images.device).manual_seed(seed)
     sums = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
+        x = images[start : start + batch_size]
         mu, logvar = model.encode(x)
         reconstruction = model.decode(reparameterize(mu, logvar, generator))
         parts = vae_loss(reconstruction, x, mu, logvar, beta)
@@ -353,7 +469,8 @@ def evaluate(model, images, beta, batch_size=1000, seed=0):
 
 @torch.no_grad()
 def reconstruct_as_uint8(model, x, config):
-    """Decoder means for ``x`` (no sampling: z = μ) as uint8 images (N, 28, 28), for the progress animation."""
+    """Decoder means for ``x`` (no sampling: z = μ) as uint8 images (N, 28, 28), for the
+    progress animation."""
     model.eval()
     mean, std = config["normalize_mean"], config["normalize_std"]
     images = denormalize(model.decode(model.encode(x)[0]), mean, std)
@@ -361,7 +478,8 @@ def reconstruct_as_uint8(model, x, config):
 
 
 def save_checkpoint(path, checkpoint):
-    """Write ``checkpoint`` with ``torch.save`` to a temporary file, then rename it over ``path``.
+    """Write ``checkpoint`` with ``torch.save`` to a temporary file, then rename it over
+    ``path``.
 
     The rename is atomic, so an interrupted write leaves the previous checkpoint intact.
     """
@@ -376,41 +494,63 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by ``save_checkpoint`` (tensors and plain Python values only)."""
+    """Read a checkpoint written by ``save_checkpoint`` (tensors and plain Python values
+    only)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"checkpoint '{path}' not found") from None
     except Exception as error:
-        raise ConfigError(f"checkpoint '{path}' is unreadable ({type(error).__name__}); delete it to retrain") \
-            from None
+        raise ConfigError(
+            f"checkpoint '{path}' is unreadable ({type(error).__name__}); delete it to"
+            " retrain"
+        ) from None
 
 
 def checkpoint_path(config):
-    """Where the model of ``config`` is saved: one file per config key, so configs never share a checkpoint."""
+    """Where the model of ``config`` is saved: one file per config key, so configs never
+    share a checkpoint."""
     return Path(config["output_dir"]) / f"vae-{config_key(config)}.pt"
 
 
-PROGRESS_IMAGES = 32  # validation images reconstructed after every epoch for the progress animation
+PROGRESS_IMAGES = (
+    32  # validation images reconstructed after every epoch for the progress animation
+)
 
 
 def train(config, data=None, resume=False, progress=True):
-    """Train the VAE of ``config``, checkpointing after every epoch; return ``(model, history)``.
+    """Train the VAE of ``config``, checkpointing after every epoch; return ``(model,
+    history)``.
 
-    The history holds, per epoch, the training loss and the validation loss, reconstruction error and KL, and
-    ``frames``: the first ``PROGRESS_IMAGES`` validation images reconstructed after each epoch (uint8).
-    With ``resume=True`` training continues from the config's checkpoint, with the same random state, so an
+    The history holds, per epoch, the training loss and the validation loss,
+    reconstruction error and KL, and
+    ``frames``: the first ``PROGRESS_IMAGES`` validation images reconstructed after each
+    epoch (uint8).
+    With ``resume=True`` training continues from the config's checkpoint, with the same
+    random state, so an
     interrupted run ends exactly where an uninterrupted one would.
     """
     device = select_device(config["device"])
     data = data or mnist_splits(config, device)
-    train_images, validation_images = data["train"][0].to(device), data["validation"][0].to(device)
+    train_images, validation_images = (
+        data["train"][0].to(device),
+        data["validation"][0].to(device),
+    )
     torch.manual_seed(config["seed"])
     model = model_from_config(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     shuffle = torch.Generator().manual_seed(config["seed"])
-    history = {"epoch": [], "train_loss": [], "train_reconstruction": [], "train_kl": [], "validation_loss": [],
-               "validation_reconstruction": [], "validation_kl": [], "seconds": [], "frames": []}
+    history = {
+        "epoch": [],
+        "train_loss": [],
+        "train_reconstruction": [],
+        "train_kl": [],
+        "validation_loss": [],
+        "validation_reconstruction": [],
+        "validation_kl": [],
+        "seconds": [],
+        "frames": [],
+    }
     path = checkpoint_path(config)
     if resume and path.exists():
         checkpoint = load_checkpoint(path)
@@ -421,37 +561,77 @@ def train(config, data=None, resume=False, progress=True):
         shuffle.set_state(checkpoint["shuffle_rng"])
         torch.set_rng_state(checkpoint["torch_rng"])
     start = len(history["epoch"]) + 1
-    bar = tqdm(range(start, config["epochs"] + 1), initial=start - 1, total=config["epochs"], unit="epoch",
-               desc=f"β={config['beta']:.3g}", disable=not progress)
+    bar = tqdm(
+        range(start, config["epochs"] + 1),
+        initial=start - 1,
+        total=config["epochs"],
+        unit="epoch",
+        desc=f"β={config['beta']:.3g}",
+        disable=not progress,
+    )
     for epoch in bar:
         began = time.perf_counter()
-        train_parts = train_epoch(model, optimizer, train_images, config["batch_size"], config["beta"], shuffle,
-                                  epoch=epoch)
+        train_parts = train_epoch(
+            model,
+            optimizer,
+            train_images,
+            config["batch_size"],
+            config["beta"],
+            shuffle,
+            epoch=epoch,
+        )
         validation = evaluate(model, validation_images, config["beta"])
-        for key, value in [("epoch", epoch), ("train_loss", train_parts["loss"]),
-                           ("train_reconstruction", train_parts["reconstruction"]), ("train_kl", train_parts["kl"]),
-                           ("validation_loss", validation["loss"]),
-                           ("validation_reconstruction", validation["reconstruction"]),
-                           ("validation_kl", validation["kl"]), ("seconds", time.perf_counter() - began)]:
+        for key, value in [
+            ("epoch", epoch),
+            ("train_loss", train_parts["loss"]),
+            ("train_reconstruction", train_parts["reconstruction"]),
+            ("train_kl", train_parts["kl"]),
+            ("validation_loss", validation["loss"]),
+            ("validation_reconstruction", validation["reconstruction"]),
+            ("validation_kl", validation["kl"]),
+            ("seconds", time.perf_counter() - began),
+        ]:
             history[key].append(value)
-        history["frames"].append(reconstruct_as_uint8(model, validation_images[:PROGRESS_IMAGES], config).cpu())
-        bar.set_postfix(train=f"{train_parts['loss']:.2f}", validation=f"{validation['loss']:.2f}")
-        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
-                               "history": history, "epoch": epoch, "shuffle_rng": shuffle.get_state(),
-                               "torch_rng": torch.get_rng_state()})
+        history["frames"].append(
+            reconstruct_as_uint8(
+                model, validation_images[:PROGRESS_IMAGES], config
+            ).cpu()
+        )
+        bar.set_postfix(
+            train=f"{train_parts['loss']:.2f}", validation=f"{validation['loss']:.2f}"
+        )
+        save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "config": config,
+                "history": history,
+                "epoch": epoch,
+                "shuffle_rng": shuffle.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+        )
     return model, history
 
 
 def check_same_config(checkpoint, config, path):
-    """Refuse a checkpoint trained with another config (ignoring paths and the device)."""
+    """Refuse a checkpoint trained with another config (paths and device aside)."""
     if config_key(checkpoint["config"]) != config_key(config):
-        differ = sorted(k for k in config if k not in LOCATION_KEYS and checkpoint["config"].get(k) != config[k])
-        raise ConfigError(f"checkpoint '{path}' was trained with a different config (differs in: "
-                          f"{', '.join(differ)}); delete it or change output_dir")
+        differ = sorted(
+            k
+            for k in config
+            if k not in LOCATION_KEYS and checkpoint["config"].get(k) != config[k]
+        )
+        raise ConfigError(
+            f"checkpoint '{path}' was trained with a different config (differs in: "
+            f"{', '.join(differ)}); delete it or change output_dir"
+        )
 
 
 def load_or_train(config, data=None, progress=True):
-    """The trained model of ``config`` and its history: loaded from its checkpoint when training finished,
+    """The trained model of ``config`` and its history: loaded from its checkpoint when
+    training finished,
     resumed when it was interrupted, trained from scratch when there is none."""
     path = checkpoint_path(config)
     if path.exists():
@@ -460,20 +640,29 @@ def load_or_train(config, data=None, progress=True):
         if checkpoint["epoch"] >= config["epochs"]:
             model = model_from_config(config)
             model.load_state_dict(checkpoint["model"])
-            return model.to(select_device(config["device"])).eval(), checkpoint["history"]
+            return (
+                model.to(select_device(config["device"])).eval(),
+                checkpoint["history"],
+            )
     model, history = train(config, data, resume=True, progress=progress)
     return model.eval(), history
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Display
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 def image_grid(x, config=None, nrow=8):
-    """Normalized vectors (N, 784) → one de-normalized grid image (H, W) in [0, 1] for ``plt.imshow``."""
+    """Normalized vectors (N, 784) → one de-normalized grid image (H, W) in [0, 1] for
+    ``plt.imshow``."""
     from torchvision.utils import make_grid
 
-    mean, std = (config["normalize_mean"], config["normalize_std"]) if config else (0.1307, 0.3081)
+    mean, std = (
+        (config["normalize_mean"], config["normalize_std"])
+        if config
+        else (0.1307, 0.3081)
+    )
     return make_grid(denormalize(x, mean, std), nrow=nrow, padding=2, pad_value=1.0)[0]
 
 
@@ -482,91 +671,128 @@ def sample_prior(model, n, seed=0):
     """Decode ``n`` latent codes drawn from the prior N(0, I) with a fixed seed."""
     model.eval()
     device = next(model.parameters()).device
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    z = torch.randn(
+        n, model.latent_dim, generator=torch.Generator().manual_seed(seed)
+    ).to(device)
     return model.decode(z)
 
 
 def progress_gif(frames, nrow=8, scale=2, milliseconds=300):
-    """The validation-progress animation as GIF bytes: one grid of reconstructions per epoch, labelled."""
+    """The validation-progress animation as GIF bytes: one grid of reconstructions per
+    epoch, labelled."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
     pictures = []
     for epoch, frame in enumerate(frames, start=1):
-        grid = make_grid(frame.unsqueeze(1), nrow=nrow, padding=2, pad_value=255)[0].numpy()
-        picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+        grid = make_grid(frame.unsqueeze(1), nrow=nrow, padding=2, pad_value=255)[
+            0
+        ].numpy()
+        picture = Image.fromarray(grid).resize(
+            (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST
+        )
         canvas = Image.new("L", (picture.width, picture.height + 16), 255)
         canvas.paste(picture, (0, 16))
         ImageDraw.Draw(canvas).text((4, 2), f"epoch {epoch}/{len(frames)}", fill=0)
         pictures.append(canvas)
     buffer = io.BytesIO()
-    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=milliseconds,
-                     loop=0)
+    pictures[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=pictures[1:],
+        duration=milliseconds,
+        loop=0,
+    )
     return buffer.getvalue()
 
 
 @torch.no_grad()
 def latent_means(model, images, batch_size=1000):
-    """The posterior means μ(x) for ``images``, as one (N, latent_dim) tensor on the CPU."""
+    """The posterior means μ(x) for ``images``, as one (N, latent_dim) tensor on the
+    CPU."""
     return posterior_parameters(model, images, batch_size)[0]
 
 
 def gif_html(gif_bytes, width=None):
-    """An ``IPython.display.HTML`` image of GIF bytes, shown inline in JupyterLab, Colab and the book."""
+    """An ``IPython.display.HTML`` image of GIF bytes, shown inline in JupyterLab, Colab
+    and the book."""
     import base64
     from IPython.display import HTML
 
     size = f' width="{width}"' if width else ""
-    return HTML(f'<img src="data:image/gif;base64,{base64.b64encode(gif_bytes).decode()}"{size} '
-                'alt="Validation reconstructions after each epoch"/>')
+    return HTML(
+        f'<img src="data:image/gif;base64,{base64.b64encode(gif_bytes).decode()}"{size}'
+        ' alt="Validation reconstructions after each epoch"/>'
+    )
 
 
 def glue(name, value, display=True):
-    """Show ``value`` and, where myst-nb is installed (the book build), register it as ``name`` so that other
+    """Show ``value`` and, where myst-nb is installed (the book build), register it as
+    ``name`` so that other
     pages of the book can paste it; on Colab without myst-nb it is only shown."""
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
         if display:
             from IPython.display import display as show
+
             show(value)
         return
     myst_glue(name, value, display=display)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Evaluation metrics (chapter 5)
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def posterior_parameters(model, images, batch_size=1000):
-    """The posterior means μ(x) and log-variances log σ²(x) for ``images``, each (N, latent_dim) on the CPU."""
+    """The posterior means μ(x) and log-variances log σ²(x) for ``images``, each (N,
+    latent_dim) on the CPU."""
     model.eval()
-    parts = [model.encode(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    return torch.cat([mu.cpu() for mu, _ in parts]), torch.cat([logvar.cpu() for _, logvar in parts])
+    parts = [
+        model.encode(images[i : i + batch_size])
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat([mu.cpu() for mu, _ in parts]), torch.cat(
+        [logvar.cpu() for _, logvar in parts]
+    )
 
 
 def active_units(model, images, threshold=0.01):
-    """The number of active latent dimensions and the variance of each: dimension d is active when
-    Cov_x(E_q[z_d]), the variance over ``images`` of the posterior mean μ_d(x), exceeds ``threshold``
+    """The number of active latent dimensions and the variance of each: dimension d is
+    active when
+    Cov_x(E_q[z_d]), the variance over ``images`` of the posterior mean μ_d(x), exceeds
+    ``threshold``
     (Burda et al., 2015). Returns ``(count, variances)``."""
     variances = latent_means(model, images).var(dim=0)
     return int((variances > threshold).sum()), variances
 
 
 def kl_per_dimension(model, images):
-    """KL(q(z_d|x) ‖ N(0, 1)) in nats for each latent dimension d, averaged over ``images``; sums to the KL."""
+    """KL(q(z_d|x) ‖ N(0, 1)) in nats for each latent dimension d, averaged over
+    ``images``; sums to the KL."""
     mu, logvar = posterior_parameters(model, images)
-    return kl_divergence(mu.unsqueeze(-1), logvar.unsqueeze(-1)).mean(dim=0)  # a trailing axis of one dimension
+    return kl_divergence(mu.unsqueeze(-1), logvar.unsqueeze(-1)).mean(
+        dim=0
+    )  # a trailing axis of one dimension
 
 
 @torch.no_grad()
-def importance_weighted_log_likelihood(model, images, beta, k=100, seed=0, max_decodes=10000):
-    """The importance-weighted estimate (Burda et al., 2015) of log p(x) per image, in nats (normalized pixel units).
+def importance_weighted_log_likelihood(
+    model, images, beta, k=100, seed=0, max_decodes=10000
+):
+    """The importance-weighted estimate (Burda et al., 2015) of log p(x) per image, in
+    nats (normalized pixel units).
 
-    For each image, log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x) with z_k ~ q(z|x), under the Gaussian decoder
-    N(x̂(z), σ² I) with σ² = β / 2, as in ``gaussian_elbo_nats``. With K = 1 it is an unbiased estimate of the
-    ELBO; its expectation grows with K towards log p(x). Returns a float64 tensor (N,); images are processed in chunks
+    For each image, log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x) with z_k ~ q(z|x), under
+    the Gaussian decoder
+    N(x̂(z), σ² I) with σ² = β / 2, as in ``gaussian_elbo_nats``. With K = 1 it is an
+    unbiased estimate of the
+    ELBO; its expectation grows with K towards log p(x). Returns a float64 tensor (N,);
+    images are processed in chunks
     of ``max_decodes // k`` images, z is drawn with a fixed seed.
     """
     model.eval()
@@ -575,13 +801,17 @@ def importance_weighted_log_likelihood(model, images, beta, k=100, seed=0, max_d
     chunk = max(1, max_decodes // k)
     estimates = []
     for start in range(0, len(images), chunk):
-        x = images[start:start + chunk]
+        x = images[start : start + chunk]
         mu, logvar = model.encode(x)
         eps = torch.randn((k, *mu.shape), generator=generator).to(mu.device)
         z = mu + torch.exp(0.5 * logvar) * eps  # (K, n, latent_dim)
         squared_error = (model.decode(z) - x).double().pow(2).sum(dim=-1)
-        log_p_x_given_z = -squared_error / (2 * variance) - PIXELS / 2 * math.log(2 * math.pi * variance)
-        log_p_z = -0.5 * z.double().pow(2).sum(dim=-1)  # the constants -d/2·log 2π of p(z) and q(z|x) cancel
+        log_p_x_given_z = -squared_error / (2 * variance) - PIXELS / 2 * math.log(
+            2 * math.pi * variance
+        )
+        log_p_z = -0.5 * z.double().pow(2).sum(
+            dim=-1
+        )  # the constants -d/2·log 2π of p(z) and q(z|x) cancel
         log_q_z = -0.5 * (eps.double().pow(2) + logvar.double()).sum(dim=-1)
         log_weights = log_p_x_given_z + log_p_z - log_q_z
         estimates.append((torch.logsumexp(log_weights, dim=0) - math.log(k)).cpu())
@@ -589,43 +819,57 @@ def importance_weighted_log_likelihood(model, images, beta, k=100, seed=0, max_d
 
 
 def frechet_distance(features_a, features_b):
-    """The Fréchet distance between Gaussians fitted to two sets of feature rows (Heusel et al., 2017):
+    """The Fréchet distance between Gaussians fitted to two sets of feature rows (Heusel
+    et al., 2017):
     ‖m_a − m_b‖² + tr(C_a + C_b − 2 (C_a C_b)^½).
 
-    tr (C_a C_b)^½ is computed as tr (A C_b A)^½ with A = C_a^½ (same eigenvalues), from symmetric
+    tr (C_a C_b)^½ is computed as tr (A C_b A)^½ with A = C_a^½ (same eigenvalues), from
+    symmetric
     eigendecompositions.
     """
     a, b = features_a.double(), features_b.double()
     mean_a, mean_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
     values, vectors = torch.linalg.eigh(cov_a)
     root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
-    trace_root = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    distance = (mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
+    trace_root = (
+        torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    )
+    distance = (
+        (mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
+    )
     return max(distance.item(), 0.0)
 
 
 def aggregate_posterior_moments(means, variances=None):
     """The mean m and covariance S of the rows of ``means`` (float64).
 
-    With ``variances`` (the encoder's σ²(x), same shape), their average is added to the diagonal of S (the law of
-    total covariance): then m and S are the mean and covariance of the aggregate posterior q(z) = E_x q(z|x).
+    With ``variances`` (the encoder's σ²(x), same shape), their average is added to the
+    diagonal of S (the law of
+    total covariance): then m and S are the mean and covariance of the aggregate
+    posterior q(z) = E_x q(z|x).
     """
-    m, covariance = means.double().mean(0), torch.cov(means.double().T).reshape(means.shape[1], -1)
+    m, covariance = (
+        means.double().mean(0),
+        torch.cov(means.double().T).reshape(means.shape[1], -1),
+    )
     if variances is not None:
         covariance = covariance + torch.diag(variances.double().mean(0))
     return m, covariance
 
 
 def gaussian_fit_kl_to_prior(means, variances=None):
-    """KL(N(m, S) ‖ N(0, I)) in nats, with m and S from ``aggregate_posterior_moments(means, variances)``."""
+    """KL(N(m, S) ‖ N(0, I)) in nats, with m and S from
+    ``aggregate_posterior_moments(means, variances)``."""
     m, covariance = aggregate_posterior_moments(means, variances)
     return 0.5 * (covariance.trace() + m @ m - len(m) - torch.logdet(covariance)).item()
 
 
 class MNISTClassifier(nn.Module):
-    """The reference classifier that scores generated digits: an MLP 784 → 256 → 256 → 10 on normalized images.
+    """The reference classifier that scores generated digits: an MLP 784 → 256 → 256 →
+    10 on normalized images.
 
-    ``features`` (the penultimate layer, after its ReLU) are the features of the Fréchet distance.
+    ``features`` (the penultimate layer, after its ReLU) are the features of the Fréchet
+    distance.
     """
 
     def __init__(self, hidden_sizes=(256, 256)):
@@ -638,12 +882,20 @@ class MNISTClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-# How the reference classifier is trained: Adam with the learning rate decayed linearly to 0, on the training split.
-CLASSIFIER_SETTINGS = {"hidden_sizes": [256, 256], "epochs": 6, "batch_size": 128, "learning_rate": 1.0e-3, "seed": 0}
+# How the reference classifier is trained: Adam with the learning rate decayed linearly
+# to 0, on the training split.
+CLASSIFIER_SETTINGS = {
+    "hidden_sizes": [256, 256],
+    "epochs": 6,
+    "batch_size": 128,
+    "learning_rate": 1.0e-3,
+    "seed": 0,
+}
 
 
 def classifier_path(config, settings=CLASSIFIER_SETTINGS):
-    """Where the reference classifier is cached: keyed by its settings and the config's data keys."""
+    """Where the reference classifier is cached: keyed by its settings and the config's
+    data keys."""
     keys = ("normalize_mean", "normalize_std", "validation_size", "validation_seed")
     identity = {"settings": settings, "data": {k: config[k] for k in keys}}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
@@ -651,8 +903,10 @@ def classifier_path(config, settings=CLASSIFIER_SETTINGS):
 
 
 def load_or_train_classifier(config, data=None, settings=CLASSIFIER_SETTINGS):
-    """The reference MNIST classifier (eval mode, CPU): loaded from ``output_dir`` when cached, else trained on the
-    training split with a fixed seed (about 10 s on a 2-core CPU) and saved with ``save_checkpoint``."""
+    """The reference MNIST classifier (eval mode, CPU): loaded from ``output_dir`` when
+    cached, else trained on the
+    training split with a fixed seed (about 10 s on a 2-core CPU) and saved with
+    ``save_checkpoint``."""
     path = classifier_path(config, settings)
     if path.exists():
         classifier = MNISTClassifier(settings["hidden_sizes"])
@@ -672,7 +926,7 @@ def load_or_train_classifier(config, data=None, settings=CLASSIFIER_SETTINGS):
         for start in range(0, len(images), batch_size):
             for group in optimizer.param_groups:
                 group["lr"] = settings["learning_rate"] * (1 - step / steps)
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(classifier(images[batch]), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -684,16 +938,24 @@ def load_or_train_classifier(config, data=None, settings=CLASSIFIER_SETTINGS):
 
 @torch.no_grad()
 def classifier_outputs(classifier, images, batch_size=2000):
-    """The classifier's penultimate-layer features (N, 256) and class probabilities (N, 10), on the CPU."""
+    """The classifier's penultimate-layer features (N, 256) and class probabilities (N,
+    10), on the CPU."""
     classifier.eval()
-    features = torch.cat([classifier.features(images[i:i + batch_size].cpu()) for i in range(0, len(images),
-                                                                                                batch_size)])
+    features = torch.cat(
+        [
+            classifier.features(images[i : i + batch_size].cpu())
+            for i in range(0, len(images), batch_size)
+        ]
+    )
     return features, torch.softmax(classifier.head(features), dim=-1)
 
 
 def class_histogram_entropy(probabilities):
-    """The entropy in nats of the histogram of predicted classes: ln 10 ≈ 2.303 when all ten digits are equally
+    """The entropy in nats of the histogram of predicted classes: ln 10 ≈ 2.303 when all
+    ten digits are equally
     frequent, 0 when every image is called the same digit."""
-    frequencies = torch.bincount(probabilities.argmax(dim=-1), minlength=probabilities.shape[-1]).double()
+    frequencies = torch.bincount(
+        probabilities.argmax(dim=-1), minlength=probabilities.shape[-1]
+    ).double()
     frequencies = frequencies[frequencies > 0] / frequencies.sum()
     return -(frequencies * frequencies.log()).sum().item()

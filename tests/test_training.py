@@ -1,4 +1,5 @@
-"""Training: determinism, checkpoints written atomically, resume after an interruption, the NaN guard."""
+"""Training: determinism, checkpoints written atomically, resume after an interruption,
+the NaN guard."""
 
 import subprocess
 import sys
@@ -14,15 +15,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def quick_config(write_config, tmp_path):
-    """A 3-epoch CPU config writing into a tmp folder (trained on the small real-data fixture)."""
-    return vh.load_config(write_config({"epochs": 3, "batch_size": 100, "device": "cpu", "output_dir": "run"}))
+    """A 3-epoch CPU config writing into a tmp folder (trained on the small real-data
+    fixture)."""
+    return vh.load_config(
+        write_config(
+            {"epochs": 3, "batch_size": 100, "device": "cpu", "output_dir": "run"}
+        )
+    )
 
 
-def test_training_lowers_the_validation_loss_and_is_deterministic(quick_config, small_data):
+def test_training_lowers_the_validation_loss_and_is_deterministic(
+    quick_config, small_data
+):
     model, history = vh.train(quick_config, small_data, progress=False)
     assert history["epoch"] == [1, 2, 3]
     assert history["validation_loss"][-1] < history["validation_loss"][0]
-    assert len(history["frames"]) == 3 and history["frames"][0].shape == (vh.PROGRESS_IMAGES, 28, 28)
+    assert len(history["frames"]) == 3 and history["frames"][0].shape == (
+        vh.PROGRESS_IMAGES,
+        28,
+        28,
+    )
     again, history_again = vh.train(quick_config, small_data, progress=False)
     assert history_again["train_loss"] == history["train_loss"]
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
@@ -34,10 +46,14 @@ def test_checkpoint_round_trip_loads_with_weights_only(quick_config, small_data)
     checkpoint = torch.load(vh.checkpoint_path(quick_config), weights_only=True)
     assert checkpoint["epoch"] == 3 and checkpoint["config"] == quick_config
     assert checkpoint["history"]["validation_loss"] == history["validation_loss"]
-    loaded, loaded_history = vh.load_or_train(quick_config, small_data, progress=False)  # loads, no training
+    loaded, loaded_history = vh.load_or_train(
+        quick_config, small_data, progress=False
+    )  # loads, no training
     assert loaded_history["train_loss"] == history["train_loss"]
     x = small_data["test"][0][:10]
-    torch.testing.assert_close(loaded.decode(loaded.encode(x)[0]), model.eval().decode(model.encode(x)[0]))
+    torch.testing.assert_close(
+        loaded.decode(loaded.encode(x)[0]), model.eval().decode(model.encode(x)[0])
+    )
 
 
 def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -56,8 +72,9 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_resume_continues_from_the_right_epoch_and_matches_an_uninterrupted_run(quick_config, small_data,
-                                                                              monkeypatch):
+def test_resume_continues_from_the_right_epoch_and_matches_an_uninterrupted_run(
+    quick_config, small_data, monkeypatch
+):
     _, uninterrupted = vh.train(quick_config, small_data, progress=False)
     original_train_epoch = vh.train_epoch
 
@@ -72,8 +89,13 @@ def test_resume_continues_from_the_right_epoch_and_matches_an_uninterrupted_run(
     assert vh.load_checkpoint(vh.checkpoint_path(quick_config))["epoch"] == 2
     monkeypatch.undo()
     epochs_run = []
-    monkeypatch.setattr(vh, "train_epoch", lambda *a, epoch=1, **k: epochs_run.append(epoch) or
-                        original_train_epoch(*a, epoch=epoch, **k))
+    monkeypatch.setattr(
+        vh,
+        "train_epoch",
+        lambda *a, epoch=1, **k: (
+            epochs_run.append(epoch) or original_train_epoch(*a, epoch=epoch, **k)
+        ),
+    )
     _, resumed = vh.train(quick_config, small_data, resume=True, progress=False)
     assert epochs_run == [3]
     assert resumed["train_loss"] == uninterrupted["train_loss"]
@@ -84,8 +106,12 @@ def test_a_checkpoint_of_another_config_is_never_used(quick_config, small_data):
     vh.train(quick_config, small_data, progress=False)
     other = {**quick_config, "beta": 1.0}
     assert vh.checkpoint_path(other) != vh.checkpoint_path(quick_config)
-    vh.checkpoint_path(quick_config).rename(vh.checkpoint_path(other))  # a checkpoint under the wrong name
-    with pytest.raises(vh.ConfigError, match="was trained with a different config .*beta"):
+    vh.checkpoint_path(quick_config).rename(
+        vh.checkpoint_path(other)
+    )  # a checkpoint under the wrong name
+    with pytest.raises(
+        vh.ConfigError, match="was trained with a different config .*beta"
+    ):
         vh.load_or_train(other, small_data, progress=False)
 
 
@@ -93,7 +119,10 @@ def test_nan_guard_names_the_epoch_and_batch(quick_config, small_data):
     images = small_data["train"][0].clone()
     images[7, 100] = float("nan")
     data = {**small_data, "train": (images, small_data["train"][1])}
-    with pytest.raises(vh.TrainingDiverged, match=r"the loss became nan at epoch 1, batch \d+; lower learning_rate"):
+    with pytest.raises(
+        vh.TrainingDiverged,
+        match=r"the loss became nan at epoch 1, batch \d+; lower learning_rate",
+    ):
         vh.train(quick_config, data, progress=False)
 
 
@@ -108,17 +137,28 @@ def test_cli_trains_writes_the_figures_reuses_and_resumes(write_config, tmp_path
     assert {"recon.png", "gen.png", "progress.gif", "tsne.png", "history.json"} <= names
     checkpoint = next(tmp_path.glob("cli-run/vae-*.pt"))
 
-    # A second run reuses the finished model: same checkpoint file, same test metrics, no training.
+    # A second run reuses the finished model: same checkpoint file, same test metrics,
+    # no training.
     written = checkpoint.stat().st_mtime_ns
     reused = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert reused.returncode == 0, reused.stderr
-    assert "Reusing the trained model" in reused.stdout and "Training on" not in reused.stdout
+    assert (
+        "Reusing the trained model" in reused.stdout
+        and "Training on" not in reused.stdout
+    )
     assert checkpoint.stat().st_mtime_ns == written
-    test_line = [line for line in result.stdout.splitlines() if line.startswith("Test loss")]
-    assert [line for line in reused.stdout.splitlines() if line.startswith("Test loss")] == test_line
+    test_line = [
+        line for line in result.stdout.splitlines() if line.startswith("Test loss")
+    ]
+    assert [
+        line for line in reused.stdout.splitlines() if line.startswith("Test loss")
+    ] == test_line
 
-    # With more epochs the checkpoint is an interrupted run: a plain run refuses to overwrite it, --resume continues.
-    longer = write_config({"epochs": 2, "output_dir": "cli-run", "device": "cpu"}, name="longer.yaml")
+    # With more epochs the checkpoint is an interrupted run: a plain run refuses to
+    # overwrite it, --resume continues.
+    longer = write_config(
+        {"epochs": 2, "output_dir": "cli-run", "device": "cpu"}, name="longer.yaml"
+    )
     interrupted = vh.load_checkpoint(checkpoint)
     interrupted["config"] = vh.load_config(longer)
     vh.save_checkpoint(vh.checkpoint_path(vh.load_config(longer)), interrupted)
@@ -126,7 +166,12 @@ def test_cli_trains_writes_the_figures_reuses_and_resumes(write_config, tmp_path
     refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().count("\n") == 0
-    assert "interrupted run (epoch 1 of 2): continue it with --resume, or start over with --retrain" in refused.stderr
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert (
+        "interrupted run (epoch 1 of 2): continue it with --resume, or start over with"
+        " --retrain" in refused.stderr
+    )
+    resumed = subprocess.run(
+        command + ["--resume"], capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0 and "Test loss" in resumed.stdout, resumed.stderr
     assert vh.load_checkpoint(vh.checkpoint_path(vh.load_config(longer)))["epoch"] == 2

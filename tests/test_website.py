@@ -1,14 +1,23 @@
-"""The book's website, built and checked in a real browser (headless Chromium driven by Playwright).
+"""The book's website, built and checked in a real browser (headless Chromium driven by
+Playwright).
 
-The module builds the site exactly as a reader would (``jupyter-book build book -W -n --keep-going --all`` into
-``_build/html``; --all, because an incremental build re-reads only changed pages and so would not repeat the
-warnings of the others), serves ``_build/html`` on a localhost port and opens every page of the table of contents in
-Debian's Chromium. It checks that each page loads without console errors or failed local requests, asks nothing
-from the internet but the "Open in Colab" badge, shows every image (the glued figures and the GIF animation
-included), typesets every formula with the bundled MathJax, and that the table of contents, the next/previous links
-and the search page work. A full-page screenshot of each page is saved in ``artifacts/screenshots/``.
+The module builds the site exactly as a reader would (``jupyter-book build book -W -n
+--keep-going --all`` into
+``_build/html``; --all, because an incremental build re-reads only changed pages and so
+would not repeat the
+warnings of the others), serves ``_build/html`` on a localhost port and opens every page
+of the table of contents in
+Debian's Chromium. It checks that each page loads without console errors or failed local
+requests, asks nothing
+from the internet but the "Open in Colab" badge, shows every image (the glued figures
+and the GIF animation
+included), typesets every formula with the bundled MathJax, and that the table of
+contents, the next/previous links
+and the search page work. A full-page screenshot of each page is saved in
+``artifacts/screenshots/``.
 
-Without a browser (no Chromium, or Playwright not importable) the browser tests are skipped, saying why; the
+Without a browser (no Chromium, or Playwright not importable) the browser tests are
+skipped, saying why; the
 warning-free build is checked either way.
 """
 
@@ -39,15 +48,29 @@ BOOK = ROOT / "book"
 HTML = ROOT / "_build" / "html"
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package `chromium`; CHROMIUM=/path/to/chrome overrides
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM = Path(
+    "/usr/bin/chromium"
+)  # Debian's package `chromium`; CHROMIUM=/path/to/chrome overrides
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
-REPOSITORY = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf8"))["repository"]["url"]
+REPOSITORY = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf8"))[
+    "repository"
+]["url"]
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
-ALLOWED_EXTERNAL = {COLAB_BADGE}  # the only thing a page may fetch from outside the site (offline: it fails)
+ALLOWED_EXTERNAL = {
+    COLAB_BADGE
+}  # the only thing a page may fetch from outside the site (offline: it fails)
 
-SEARCH_WORD = "Jensen"  # a word that appears in chapter 2 (Jensen's inequality) and on no other page
+# a word that appears in chapter 2 (Jensen's inequality) and on no other page
+SEARCH_WORD = "Jensen"
 SEARCH_PAGE = "notebooks/02_elbo"
 
 BUILD_TIMEOUT_S = 900
@@ -68,15 +91,21 @@ def source_of(page):
     for suffix in (".md", ".ipynb"):
         if (BOOK / (page + suffix)).is_file():
             return BOOK / (page + suffix)
-    raise AssertionError(f"{page} is in book/_toc.yml but neither {page}.md nor {page}.ipynb exists in book/")
+    raise AssertionError(
+        f"{page} is in book/_toc.yml but neither {page}.md nor {page}.ipynb exists in"
+        " book/"
+    )
 
 
 def source_has_math(page):
-    """Whether the page's Markdown (for a notebook: its Markdown cells) contains $...$, $$...$$ or \\begin{...}."""
+    """Whether the page's Markdown (for a notebook: its Markdown cells) contains $...$,
+    $$...$$ or \\begin{...}."""
     path = source_of(page)
     if path.suffix == ".ipynb":
         cells = json.loads(path.read_text(encoding="utf8"))["cells"]
-        text = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown")
+        text = "\n".join(
+            "".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown"
+        )
     else:
         text = path.read_text(encoding="utf8")
     text = re.sub(r"```.*?```", "", text, flags=re.S)  # code blocks are not math
@@ -84,7 +113,8 @@ def source_has_math(page):
 
 
 def page_text(page):
-    """The visible text of a built page's article (prose, code and outputs), for the search checks."""
+    """The visible text of a built page's article (prose, code and outputs), for the
+    search checks."""
     content = (HTML / (page + ".html")).read_text(encoding="utf8")
     match = re.search(r"<article[^>]*>(.*)</article>", content, flags=re.S)
     article = match.group(1) if match else content
@@ -101,9 +131,10 @@ def without_fragment(url):
     return urldefrag(url)[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Fixtures: the build, the local server, the browser
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 def jupyter_book_command():
     executable = Path(sys.executable).with_name("jupyter-book")
@@ -117,15 +148,32 @@ def jupyter_book_command():
 
 @pytest.fixture(scope="module")
 def build():
-    """Build the site once for this module; return (exit status, seconds, output, the lines that are warnings)."""
-    command = jupyter_book_command() + ["build", "book", "-W", "-n", "--keep-going", "--all"]
+    """Build the site once for this module; return (exit status, seconds, output, the
+    lines that are warnings)."""
+    command = jupyter_book_command() + [
+        "build",
+        "book",
+        "-W",
+        "-n",
+        "--keep-going",
+        "--all",
+    ]
     start = time.monotonic()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
-                            env={**os.environ, "NO_COLOR": "1"})
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     seconds = time.monotonic() - start
     output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
-    warnings = [line for line in output.splitlines()
-                if re.search(r"\b(WARNING|ERROR|CRITICAL|SEVERE)\b|Traceback", line)]
+    warnings = [
+        line
+        for line in output.splitlines()
+        if re.search(r"\b(WARNING|ERROR|CRITICAL|SEVERE)\b|Traceback", line)
+    ]
     return result.returncode, seconds, output, warnings
 
 
@@ -139,7 +187,9 @@ def site(build):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=HTML))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=HTML)
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}/"
@@ -148,7 +198,12 @@ def site(build):
 
 
 def find_chromium():
-    candidates = [os.environ.get("CHROMIUM"), str(CHROMIUM), shutil.which("chromium"), shutil.which("chromium-browser")]
+    candidates = [
+        os.environ.get("CHROMIUM"),
+        str(CHROMIUM),
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
@@ -160,18 +215,27 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as error:
-        pytest.skip(f"no browser test: Playwright for Python is not importable ({error}); pip install playwright")
+        pytest.skip(
+            f"no browser test: Playwright for Python is not importable ({error}); pip"
+            " install playwright"
+        )
     executable = find_chromium()
     if executable is None:
-        pytest.skip(f"no browser test: no Chromium at {CHROMIUM} nor on PATH (Debian/Ubuntu: apt-get install chromium)")
+        pytest.skip(
+            f"no browser test: no Chromium at {CHROMIUM} nor on PATH (Debian/Ubuntu:"
+            " apt-get install chromium)"
+        )
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        chromium = playwright.chromium.launch(
+            executable_path=executable, args=CHROMIUM_ARGS, headless=True
+        )
         yield chromium
         chromium.close()
 
 
 class Tab:
-    """A browser page whose console errors, failed local requests and external requests are recorded."""
+    """A browser page whose console errors, failed local requests and external requests
+    are recorded."""
 
     def __init__(self, context, base):
         self.base = base
@@ -179,7 +243,10 @@ class Tab:
         self.page.set_default_timeout(PAGE_TIMEOUT_MS)
         self.console_errors, self.failed_requests, self.external_requests = [], [], []
         self.page.on("console", self._on_console)
-        self.page.on("pageerror", lambda error: self.console_errors.append(f"uncaught exception: {error}"))
+        self.page.on(
+            "pageerror",
+            lambda error: self.console_errors.append(f"uncaught exception: {error}"),
+        )
         self.page.on("requestfailed", self._on_request_failed)
         self.page.on("response", self._on_response)
         self.page.route("**/*", self._route)
@@ -199,8 +266,11 @@ class Tab:
         if message.type != "error":
             return
         source = message.location.get("url", "") if message.location else ""
-        if message.text.startswith("Failed to load resource") and not self.is_local(source):
-            return  # an external request we aborted; recorded, and judged, in external_requests
+        if message.text.startswith("Failed to load resource") and not self.is_local(
+            source
+        ):
+            # an external request we aborted; recorded, and judged, in external_requests
+            return
         self.console_errors.append(f"{message.text} (at {source})")
 
     def _on_request_failed(self, request):
@@ -216,19 +286,32 @@ class Tab:
         self.settle()
 
     def settle(self):
-        """Wait until every image has loaded (or failed), MathJax has typeset the page and fonts are ready."""
-        self.page.evaluate("() => document.querySelectorAll('img[loading=lazy]').forEach(i => i.loading = 'eager')")
-        self.page.wait_for_function("() => Array.from(document.images).every(image => image.complete)")
+        """Wait until every image has loaded (or failed), MathJax has typeset the page
+        and fonts are ready."""
+        self.page.evaluate(
+            "() => document.querySelectorAll('img[loading=lazy]').forEach(i =>"
+            " i.loading = 'eager')"
+        )
+        self.page.wait_for_function(
+            "() => Array.from(document.images).every(image => image.complete)"
+        )
         self.page.evaluate("""async () => {
-            if (window.MathJax && MathJax.startup && MathJax.startup.promise) { await MathJax.startup.promise; }
+            if (window.MathJax && MathJax.startup && MathJax.startup.promise) { await
+            MathJax.startup.promise; }
             await document.fonts.ready;
         }""")
 
     def problems(self):
-        external = [request for request in self.external_requests if request.split(" ", 1)[1] not in ALLOWED_EXTERNAL]
-        return ([f"console error: {error}" for error in self.console_errors]
-                + [f"failed request: {failure}" for failure in self.failed_requests]
-                + [f"request to the internet: {request}" for request in external])
+        external = [
+            request
+            for request in self.external_requests
+            if request.split(" ", 1)[1] not in ALLOWED_EXTERNAL
+        ]
+        return (
+            [f"console error: {error}" for error in self.console_errors]
+            + [f"failed request: {failure}" for failure in self.failed_requests]
+            + [f"request to the internet: {request}" for request in external]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +319,9 @@ def context(browser, site):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     for old in SCREENSHOTS.glob("*.png"):
         old.unlink()
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light")
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, color_scheme="light"
+    )
     yield context
     context.close()
 
@@ -248,28 +333,40 @@ def tab(context, site):
     tab.page.close()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The build
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 def test_build_is_warning_free(build):
     status, seconds, output, warnings = build
     print(f"jupyter-book build book -W -n --keep-going --all: {seconds:.1f} s")
     assert status == 0 and not warnings, (
-        f"the website build exited with {status} and {len(warnings)} warning line(s):\n" + "\n".join(warnings)
-        + "\n--- end of the output ---\n" + output[-3000:])
+        f"the website build exited with {status} and {len(warnings)} warning line(s):\n"
+        + "\n".join(warnings)
+        + "\n--- end of the output ---\n"
+        + output[-3000:]
+    )
 
 
 def test_toc_lists_every_chapter_notebook_once():
-    notebooks = sorted(f"notebooks/{path.stem}" for path in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    notebooks = sorted(
+        f"notebooks/{path.stem}"
+        for path in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")
+    )
     chapters = [page for page in PAGES if page.startswith("notebooks/")]
-    assert chapters == notebooks, f"book/_toc.yml lists {chapters}, notebooks/ holds {notebooks}"
-    assert (BOOK / "notebooks").is_symlink(), "book/notebooks must be the symlink to ../notebooks, not a copy"
+    assert chapters == notebooks, (
+        f"book/_toc.yml lists {chapters}, notebooks/ holds {notebooks}"
+    )
+    assert (BOOK / "notebooks").is_symlink(), (
+        "book/notebooks must be the symlink to ../notebooks, not a copy"
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Every page in the browser
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("page", PAGES)
 def test_page_renders(tab, site, page):
@@ -277,9 +374,14 @@ def test_page_renders(tab, site, page):
     problems = tab.problems()
 
     images = tab.page.evaluate("""() => Array.from(document.images).map(image => ({
-        src: image.currentSrc || image.src, width: image.naturalWidth, alt: image.alt}))""")
+        src: image.currentSrc || image.src, width: image.naturalWidth, alt:
+        image.alt}))""")
     for image in images:
-        shown = image["src"] if not image["src"].startswith("data:") else image["src"][:40] + "..."
+        shown = (
+            image["src"]
+            if not image["src"].startswith("data:")
+            else image["src"][:40] + "..."
+        )
         if tab.is_local(image["src"]):
             if image["width"] == 0:
                 problems.append(f"image not loaded: {shown} (alt {image['alt']!r})")
@@ -289,34 +391,57 @@ def test_page_renders(tab, site, page):
     math = tab.page.evaluate("""() => {
         const formulas = Array.from(document.querySelectorAll('span.math, div.math'));
         return {formulas: formulas.length,
-                untypeset: formulas.filter(f => !f.querySelector('mjx-container')).map(f => f.textContent.slice(0, 80)),
+                untypeset: formulas.filter(f => !f.querySelector('mjx-container')).map(f
+                => f.textContent.slice(0, 80)),
                 containers: document.querySelectorAll('mjx-container').length,
                 errors: Array.from(document.querySelectorAll('mjx-merror'))
-                             .map(e => e.getAttribute('data-mjx-error') || e.textContent)};
+                             .map(e => e.getAttribute('data-mjx-error') ||
+                             e.textContent)};
     }""")
     if source_has_math(page):
         if math["formulas"] == 0:
-            problems.append("the source has math but the page has no math elements (is dollarmath enabled?)")
+            problems.append(
+                "the source has math but the page has no math elements (is dollarmath"
+                " enabled?)"
+            )
         if math["containers"] == 0:
-            problems.append("MathJax typeset nothing (is _static/mathjax/tex-chtml.js served?)")
-    problems += [f"formula not typeset by MathJax: {formula!r}" for formula in math["untypeset"]]
+            problems.append(
+                "MathJax typeset nothing (is _static/mathjax/tex-chtml.js served?)"
+            )
+    problems += [
+        f"formula not typeset by MathJax: {formula!r}" for formula in math["untypeset"]
+    ]
     problems += [f"MathJax error: {error}" for error in math["errors"]]
 
-    # A table row separator such as |---:| in a paragraph (its dashes possibly made an en or em dash by smartquotes)
-    raw_markdown = tab.page.evaluate("""() => Array.from(document.querySelectorAll('article p'))
-        .map(paragraph => paragraph.textContent).filter(text => /\\|\\s*:?(-{3,}|[\u2013\u2014]-*):?\\s*\\|/.test(text))""")
-    problems += [f"a Markdown table shown as text, not rendered: {text[:80]!r}" for text in raw_markdown]
+    # A table row separator such as |---:| in a paragraph (its dashes possibly made an
+    # en or em dash by smartquotes)
+    raw_markdown = tab.page.evaluate("""() =>
+    Array.from(document.querySelectorAll('article p'))
+        .map(paragraph => paragraph.textContent).filter(text =>
+        /\\|\\s*:?(-{3,}|[\u2013\u2014]-*):?\\s*\\|/.test(text))""")
+    problems += [
+        f"a Markdown table shown as text, not rendered: {text[:80]!r}"
+        for text in raw_markdown
+    ]
 
-    tab.page.screenshot(path=str(SCREENSHOTS / f"{Path(page).name}.png"), full_page=True)
+    tab.page.screenshot(
+        path=str(SCREENSHOTS / f"{Path(page).name}.png"), full_page=True
+    )
     assert not problems, f"{page}.html:\n" + "\n".join(problems)
 
 
 def test_mathjax_is_served_by_the_site(tab, site):
     tab.goto(url_of(site, SEARCH_PAGE))
-    sources = tab.page.evaluate("() => Array.from(document.scripts).map(script => script.src).filter(Boolean)")
+    sources = tab.page.evaluate(
+        "() => Array.from(document.scripts).map(script => script.src).filter(Boolean)"
+    )
     mathjax = [source for source in sources if "mathjax" in source.lower()]
-    assert mathjax and all(source.startswith(site + "_static/mathjax/") for source in mathjax), mathjax
-    assert tab.page.evaluate("() => Boolean(window.MathJax && MathJax.version)"), "MathJax did not start"
+    assert mathjax and all(
+        source.startswith(site + "_static/mathjax/") for source in mathjax
+    ), mathjax
+    assert tab.page.evaluate("() => Boolean(window.MathJax && MathJax.version)"), (
+        "MathJax did not start"
+    )
 
 
 def gif_frames(data_url):
@@ -328,57 +453,88 @@ def gif_frames(data_url):
 @pytest.mark.parametrize("page", [PAGES[0], "notebooks/04_training"])
 def test_training_animation_is_shown(tab, site, page):
     tab.goto(url_of(site, page))
-    gifs = tab.page.evaluate("""() => Array.from(document.querySelectorAll('article img'))
+    gifs = tab.page.evaluate("""() => Array.from(document.querySelectorAll('article
+    img'))
         .filter(image => image.src.startsWith('data:image/gif'))
         .map(image => ({width: image.naturalWidth, src: image.src}))""")
     assert gifs, f"{page}.html shows no GIF image (the glued 'progress_animation')"
     assert all(gif["width"] > 0 for gif in gifs), f"a GIF on {page}.html did not load"
-    assert all(gif_frames(gif["src"]) > 1 for gif in gifs), f"the GIF on {page}.html is not animated"
+    assert all(gif_frames(gif["src"]) > 1 for gif in gifs), (
+        f"the GIF on {page}.html is not animated"
+    )
 
 
 def test_landing_page_shows_the_glued_figures(tab, site):
     tab.goto(url_of(site, PAGES[0]))
-    figures = tab.page.evaluate("""() => Array.from(document.querySelectorAll('article img'))
+    figures = tab.page.evaluate("""() => Array.from(document.querySelectorAll('article
+    img'))
         .filter(image => new URL(image.src).pathname.includes('/_images/'))
         .map(image => image.naturalWidth)""")
     assert len(figures) >= 3 and all(width > 0 for width in figures), (
-        f"the landing page should show the reconstructions, generations and t-SNE figures glued from chapter 6; "
-        f"it shows {len(figures)} image(s) from _images/ with widths {figures}")
+        "the landing page should show the reconstructions, generations and t-SNE"
+        f" figures glued from chapter 6; it shows {len(figures)} image(s) from _images/"
+        f" with widths {figures}"
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Navigation
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 def sidebar_links(tab):
-    return tab.page.evaluate("""() => Array.from(document.querySelectorAll('nav.bd-docs-nav a.reference.internal'))
+    return tab.page.evaluate("""() =>
+    Array.from(document.querySelectorAll('nav.bd-docs-nav a.reference.internal'))
         .map(link => ({href: link.href, text: link.textContent.trim()}))""")
 
 
 def heading(tab):
-    return tab.page.locator("article h1").first.inner_text().replace("#", "").replace("¶", "").strip()
+    return (
+        tab.page.locator("article h1")
+        .first.inner_text()
+        .replace("#", "")
+        .replace("¶", "")
+        .strip()
+    )
 
 
 def test_table_of_contents_reaches_every_page(tab, site):
     tab.goto(url_of(site, PAGES[0]))
     links = sidebar_links(tab)
-    assert [without_fragment(link["href"]) for link in links] == [url_of(site, page) for page in PAGES], links
+    assert [without_fragment(link["href"]) for link in links] == [
+        url_of(site, page) for page in PAGES
+    ], links
 
-    # Click through the book from the sidebar of the page before, and back to the landing page.
+    # Click through the book from the sidebar of the page before, and back to the
+    # landing page.
     for page in PAGES[1:] + PAGES[:1]:
         target = url_of(site, page)
-        link = next((link for link in sidebar_links(tab) if without_fragment(link["href"]) == target), None)
-        assert link is not None, f"the sidebar of {tab.page.url} has no link to {target}"
+        link = next(
+            (
+                link
+                for link in sidebar_links(tab)
+                if without_fragment(link["href"]) == target
+            ),
+            None,
+        )
+        assert link is not None, (
+            f"the sidebar of {tab.page.url} has no link to {target}"
+        )
         with tab.page.expect_navigation(wait_until="load"):
-            tab.page.locator("nav.bd-docs-nav a.reference.internal").filter(has_text=link["text"]).first.click()
+            tab.page.locator("nav.bd-docs-nav a.reference.internal").filter(
+                has_text=link["text"]
+            ).first.click()
         tab.settle()
         assert without_fragment(tab.page.url) == target
-        assert heading(tab) == link["text"], f"{target}: title {heading(tab)!r}, sidebar says {link['text']!r}"
+        assert heading(tab) == link["text"], (
+            f"{target}: title {heading(tab)!r}, sidebar says {link['text']!r}"
+        )
     assert not tab.problems(), "\n".join(tab.problems())
 
 
 def follow(tab, selector):
-    """Follow the link `selector` from page to page until there is none; return the URLs visited after the start."""
+    """Follow the link `selector` from page to page until there is none; return the URLs
+    visited after the start."""
     visited = []
     for _ in range(len(PAGES) + 1):
         link = tab.page.locator(selector)
@@ -393,23 +549,35 @@ def follow(tab, selector):
 def test_next_and_previous_links_walk_the_book(tab, site):
     expected = [url_of(site, page) for page in PAGES]
     tab.goto(expected[0])
-    assert follow(tab, "a.right-next") == expected[1:], "the 'next' links do not follow the table of contents"
-    assert follow(tab, "a.left-prev") == expected[-2::-1], "the 'previous' links do not go back through the book"
+    assert follow(tab, "a.right-next") == expected[1:], (
+        "the 'next' links do not follow the table of contents"
+    )
+    assert follow(tab, "a.left-prev") == expected[-2::-1], (
+        "the 'previous' links do not go back through the book"
+    )
     assert not tab.problems(), "\n".join(tab.problems())
 
 
 def test_local_links_resolve(site):
-    """Every link to a page or file of the site, on every page, answers 200; every #fragment exists."""
+    """Every link to a page or file of the site, on every page, answers 200; every
+    #fragment exists."""
     links = set()
     for page in PAGES:
         content = (HTML / (page + ".html")).read_text(encoding="utf8")
-        links.update(urljoin(url_of(site, page), html.unescape(href)) for href in re.findall(r'href="([^"]+)"', content))
+        links.update(
+            urljoin(url_of(site, page), html.unescape(href))
+            for href in re.findall(r'href="([^"]+)"', content)
+        )
     broken = []
     for link in sorted(link for link in links if link.startswith(site)):
         url, fragment = urldefrag(link)
         try:
             with urllib.request.urlopen(url) as response:
-                body = response.read().decode("utf8", "replace") if url.endswith(".html") else ""
+                body = (
+                    response.read().decode("utf8", "replace")
+                    if url.endswith(".html")
+                    else ""
+                )
         except OSError as error:
             broken.append(f"{link}: {error}")
             continue
@@ -423,34 +591,45 @@ def test_chapter_launch_buttons_open_the_notebooks(tab, site):
         if not page.startswith("notebooks/"):
             continue
         tab.goto(url_of(site, page))
-        hrefs = tab.page.evaluate("() => Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
+        hrefs = tab.page.evaluate(
+            "() => Array.from(document.querySelectorAll('a[href]')).map(a => a.href)"
+        )
         colab = f"https://colab.research.google.com/github/{REPOSITORY.split('github.com/')[1]}/blob/main/{page}.ipynb"
         binder = f"https://mybinder.org/v2/gh/{REPOSITORY.split('github.com/')[1]}/main?urlpath=lab/tree/{page}.ipynb"
-        assert colab in hrefs, f"{page}.html has no link {colab} (the Colab launch button and badge)"
+        assert colab in hrefs, (
+            f"{page}.html has no link {colab} (the Colab launch button and badge)"
+        )
         assert binder in hrefs, f"{page}.html has no Binder launch button {binder}"
-        assert not any("/book/notebooks/" in href for href in hrefs), f"{page}.html links into the book/notebooks symlink"
+        assert not any("/book/notebooks/" in href for href in hrefs), (
+            f"{page}.html links into the book/notebooks symlink"
+        )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Search
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+
 
 def test_search_finds_a_word_of_chapter_2(tab, site):
     word = re.compile(rf"\b{SEARCH_WORD}\b", re.IGNORECASE)
     pages_with_word = [page for page in PAGES if word.search(page_text(page))]
     assert pages_with_word == [SEARCH_PAGE], (
-        f"the search check needs a word that only {SEARCH_PAGE} uses; {SEARCH_WORD!r} is on {pages_with_word}: "
-        f"choose another SEARCH_WORD in {Path(__file__).name}")
+        f"the search check needs a word that only {SEARCH_PAGE} uses; {SEARCH_WORD!r}"
+        f" is on {pages_with_word}: choose another SEARCH_WORD in {Path(__file__).name}"
+    )
 
     tab.goto(f"{site}search.html?q={SEARCH_WORD}")
     tab.page.wait_for_function("""() => {
         const status = document.querySelector('#search-results .search-summary');
         return status && /Search finished|did not match/.test(status.textContent);
     }""")
-    results = tab.page.evaluate("""() => Array.from(document.querySelectorAll('#search-results ul.search > li'))
+    results = tab.page.evaluate("""() =>
+    Array.from(document.querySelectorAll('#search-results ul.search > li'))
         .map(item => item.querySelector('a').href)""")
     tab.page.screenshot(path=str(SCREENSHOTS / "search.png"), full_page=True)
-    assert [without_fragment(result).split("?")[0] for result in results] == [url_of(site, SEARCH_PAGE)], results
+    assert [without_fragment(result).split("?")[0] for result in results] == [
+        url_of(site, SEARCH_PAGE)
+    ], results
 
     with tab.page.expect_navigation(wait_until="load"):
         tab.page.locator("#search-results ul.search > li a").first.click()

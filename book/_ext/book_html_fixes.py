@@ -1,11 +1,18 @@
-"""Small fixes to the HTML of the book's website (a local Sphinx extension, loaded by _config.yml).
+"""Small fixes to the HTML of the book's website (a local Sphinx extension, loaded by
+_config.yml).
 
-1. The chapters are read through the symlink book/notebooks -> ../notebooks, so sphinx-book-theme builds their
-   Colab, Binder, "source" and "edit" links with the path book/notebooks/NN.ipynb. GitHub, and so Colab, do not
-   follow a symlinked folder in such a path; the notebooks' real place in the repository is notebooks/NN.ipynb.
-2. With Sphinx 7.4, an inline script that an extension adds during the build (sphinx-thebe's
-   ``const THEBE_JS_URL = ...``, sphinx-togglebutton's selector) is written twice into every page, once with the
-   file name None and once with '', so the browser reports "Identifier 'THEBE_JS_URL' has already been declared".
+1. The chapters are read through the symlink book/notebooks -> ../notebooks, so
+sphinx-book-theme builds their
+   Colab, Binder, "source" and "edit" links with the path book/notebooks/NN.ipynb.
+   GitHub, and so Colab, do not
+   follow a symlinked folder in such a path; the notebooks' real place in the repository
+   is notebooks/NN.ipynb.
+2. With Sphinx 7.4, an inline script that an extension adds during the build
+(sphinx-thebe's
+   ``const THEBE_JS_URL = ...``, sphinx-togglebutton's selector) is written twice into
+   every page, once with the
+   file name None and once with '', so the browser reports "Identifier 'THEBE_JS_URL'
+   has already been declared".
    Each page keeps the first copy of each script.
 """
 
@@ -17,12 +24,16 @@ def _rewrite(buttons):
     for button in buttons:
         if isinstance(button.get("url"), str):
             button["url"] = button["url"].replace(LINK_PATH, REAL_PATH)
-        if isinstance(button.get("buttons"), list):  # a group of buttons, such as the launch buttons
+        if isinstance(
+            button.get("buttons"), list
+        ):  # a group of buttons, such as the launch buttons
             _rewrite(button["buttons"])
 
 
 def rewrite_notebook_links(app, pagename, templatename, context, doctree):
-    if pagename.startswith("notebooks/") and isinstance(context.get("header_buttons"), list):
+    if pagename.startswith("notebooks/") and isinstance(
+        context.get("header_buttons"), list
+    ):
         _rewrite(context["header_buttons"])
 
 
@@ -32,7 +43,11 @@ def drop_duplicate_scripts(app, pagename, templatename, context, doctree):
         return
     seen, unique = set(), []
     for script in scripts:
-        key = (script.filename or "", script.priority, tuple(sorted(script.attributes.items())))
+        key = (
+            script.filename or "",
+            script.priority,
+            tuple(sorted(script.attributes.items())),
+        )
         if key not in seen:
             seen.add(key)
             unique.append(script)
