@@ -408,8 +408,8 @@ def bits_per_dimension(log_likelihood, std=0.3081):
 
 
 def vae_loss(reconstruction, x, mu, logvar, beta):
-    """The loss per image, SSE over 784 pixels + β · KL over the latents, averaged over
-    the batch.
+    """The training loss J_β(x) = SSE(x) + β · KL(q(z|x) ‖ N(0, I)) per image (SSE over
+    784 pixels, KL summed over the latents), averaged over the batch.
 
     Returns ``(total, reconstruction_error, kl)``, each a batch mean. Summing over
     pixels and latents first keeps
@@ -422,11 +422,11 @@ def vae_loss(reconstruction, x, mu, logvar, beta):
 
 
 def gaussian_elbo_nats(total_loss, beta):
-    """The ELBO per image in nats (normalized pixel units) of a Gaussian decoder with
-    variance σ² = β / 2.
+    """The ELBO ℒ(x) per image in nats (normalized pixel units) of a Gaussian decoder
+    with variance σ² = β / 2, from the training loss J_β (``total_loss``).
 
-    With σ² = β/2, log p(x|z) = -SSE/β - (784/2)·log(πβ), so ELBO = -(SSE + β·KL)/β -
-    392·log(πβ).
+    With σ² = β/2, log p(x|z) = -SSE/β - (784/2)·log(πβ), so ℒ = -(SSE + β·KL)/β -
+    392·log(πβ) = -J_β/β - 392·log(πβ).
     """
     return -total_loss / beta - PIXELS / 2 * math.log(math.pi * beta)
 
@@ -441,7 +441,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1):
-    """One pass over ``images`` in shuffled batches; returns the epoch's mean loss,
+    """One pass over ``images`` in shuffled batches; returns the epoch's mean loss J_β,
     reconstruction error and KL
     as a dict with the keys "loss", "reconstruction" and "kl".
 
@@ -475,8 +475,8 @@ def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1):
 
 @torch.no_grad()
 def evaluate(model, images, beta, batch_size=1000, seed=0):
-    """The loss and its two parts, averaged over ``images``; z is sampled with a fixed
-    seed, so it repeats."""
+    """The loss J_β and its two parts (SSE, KL), averaged over ``images``; z is sampled
+    with a fixed seed, so it repeats."""
     model.eval()
     generator = torch.Generator(images.device).manual_seed(seed)
     sums = torch.zeros(3, dtype=torch.float64)
@@ -807,14 +807,15 @@ def kl_per_dimension(model, images):
 def importance_weighted_log_likelihood(
     model, images, beta, k=100, seed=0, max_decodes=10000
 ):
-    """The importance-weighted estimate (Burda et al., 2015) of log p(x) per image, in
-    nats (normalized pixel units).
+    """The importance-weighted bound ℒ_K (Burda et al., 2015) on log p(x) per image, in
+    nats (normalized pixel units): one estimate per image.
 
     For each image, log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x) with z_k ~ q(z|x), under
     the Gaussian decoder
     N(x̂(z), σ² I) with σ² = β / 2, as in ``gaussian_elbo_nats``. With K = 1 it is an
     unbiased estimate of the
-    ELBO; its expectation grows with K towards log p(x). Returns a float64 tensor (N,);
+    ELBO ℒ; its expectation ℒ_K grows with K towards log p(x).
+    Returns a float64 tensor (N,);
     images are processed in chunks
     of ``max_decodes // k`` images, z is drawn with a fixed seed.
     """
