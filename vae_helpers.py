@@ -766,6 +766,91 @@ def glue(name, value, display=True):
 
 
 # --------------------------------------------------------------------------------------
+# The latent explorer (notebooks/08_latent_explorer.ipynb)
+# --------------------------------------------------------------------------------------
+
+EXPLORER_PREFIX = "window.LATENT_EXPLORER = "
+
+
+def _base64(tensor, dtype):
+    """A tensor's values as base64 of little-endian ``dtype`` bytes (what JavaScript's
+    typed arrays read)."""
+    import base64
+
+    array = tensor.detach().cpu().contiguous().numpy().astype(dtype)
+    return base64.b64encode(array.tobytes()).decode()
+
+
+def export_explorer_weights(config, config_2d, path, data=None, directions=8):
+    """Write the weights of the models of ``config`` (32-D) and ``config_2d`` (2-D),
+    with the test codes, as one script ``window.LATENT_EXPLORER = {...}`` for the
+    browser.
+
+    The models are the chapters' checkpoints (trained first if missing). The page also
+    gets the 2-D codes of the test digits (the map), the principal directions of the
+    32-D codes (the sliders) and the first three test images of each digit (uint8).
+    Float32 arrays are base64 strings. A plain script, not a fetched file, so that the
+    page also works opened from disk. Returns the file's size in bytes.
+    """
+    data = data or mnist_splits(config, device="cpu")
+    images, labels = (tensor.cpu() for tensor in data["test"])
+    export, codes = (
+        {"normalize": [config["normalize_mean"], config["normalize_std"]]},
+        {},
+    )
+    for name, model_config in [("latent32", config), ("latent2", config_2d)]:
+        model = load_or_train(model_config, data, progress=False)[0].cpu()
+        tensors = {
+            key: {"shape": list(value.shape), "data": _base64(value, "<f4")}
+            for key, value in model.state_dict().items()
+        }
+        export[name] = {"config_key": config_key(model_config), "tensors": tensors}
+        codes[name] = latent_means(model, images)
+    mean = codes["latent32"].mean(dim=0)
+    _, singular, rows = torch.linalg.svd(codes["latent32"] - mean, full_matrices=False)
+    variance = singular**2 / (len(images) - 1)
+    export["principal"] = {
+        "mean": _base64(mean, "<f4"),
+        "directions": _base64(rows[:directions], "<f4"),
+        "std": variance[:directions].sqrt().tolist(),
+        "explained": (variance[:directions] / variance.sum()).tolist(),
+    }
+    export["map"] = {
+        "codes": _base64(codes["latent2"], "<f4"),
+        "labels": _base64(labels, "u1"),
+    }
+    first = [int(i) for d in range(10) for i in (labels == d).nonzero()[:3, 0]]
+    pixels = denormalize(images[first], *export["normalize"]) * 255
+    export["digits"] = {
+        "index": first,
+        "labels": labels[first].tolist(),
+        "images": _base64(pixels.round(), "u1"),
+    }
+    text = EXPLORER_PREFIX + json.dumps(export) + ";\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    return len(text)
+
+
+def read_explorer_weights(path):
+    """The model weights in a file written by ``export_explorer_weights``, as
+    ``{"latent32": state_dict, "latent2": state_dict}`` of float32 tensors."""
+    import base64
+
+    text = Path(path).read_text()
+    export = json.loads(text.removeprefix(EXPLORER_PREFIX).rstrip().rstrip(";"))
+    return {
+        name: {
+            key: torch.frombuffer(
+                bytearray(base64.b64decode(tensor["data"])), dtype=torch.float32
+            ).reshape(tensor["shape"])
+            for key, tensor in export[name]["tensors"].items()
+        }
+        for name in ("latent32", "latent2")
+    }
+
+
+# --------------------------------------------------------------------------------------
 # Evaluation metrics (chapter 5)
 # --------------------------------------------------------------------------------------
 

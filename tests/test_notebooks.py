@@ -29,8 +29,16 @@ def source(cell):
     return "".join(cell["source"])
 
 
-def test_there_are_six_chapters():
-    assert [path.name[:2] for path in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+def test_there_are_the_chapters_and_the_latent_explorer():
+    assert [path.name[:2] for path in NOTEBOOKS] == [
+        "01",
+        "02",
+        "03",
+        "04",
+        "05",
+        "06",
+        "08",  # the latent explorer (the website's interactive page)
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)

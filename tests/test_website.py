@@ -39,7 +39,10 @@ from pathlib import Path
 from urllib.parse import urldefrag, urljoin
 
 import pytest
+import torch
 import yaml
+
+import vae_helpers as vh
 
 pytestmark = pytest.mark.slow  # builds the site and drives a browser: about a minute
 
@@ -72,6 +75,9 @@ ALLOWED_EXTERNAL = {
 # a word that appears in chapter 2 (Jensen's inequality) and on no other page
 SEARCH_WORD = "Jensen"
 SEARCH_PAGE = "notebooks/02_elbo"
+
+EXPLORER = "notebooks/08_latent_explorer"
+EXPLORER_WEIGHTS = BOOK / "_extra" / "latent_explorer" / "weights.js"
 
 BUILD_TIMEOUT_S = 900
 PAGE_TIMEOUT_MS = 30_000
@@ -147,7 +153,26 @@ def jupyter_book_command():
 
 
 @pytest.fixture(scope="module")
-def build():
+def explorer_weights():
+    """Export the latent explorer's weights before the build, as chapter 8 does, with
+    the same function and configs: the build publishes them, and CI runs tests/ before
+    notebooks/ on an empty outputs/. The models are loaded from the checkpoints of
+    chapters 4 and 6, or trained once into outputs/, where those chapters then find
+    them (same configs, same output_dir): nothing is trained twice."""
+    seconds = time.monotonic()
+    size = vh.export_explorer_weights(
+        vh.load_config(ROOT / "config.yaml"),
+        vh.load_config(ROOT / "configs" / "latent_2d.yaml"),
+        EXPLORER_WEIGHTS,
+    )
+    print(
+        f"explorer weights: {size / 1000:,.0f} kB in {time.monotonic() - seconds:.1f} s"
+    )
+    return EXPLORER_WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def build(explorer_weights):
     """Build the site once for this module; return (exit status, seconds, output, the
     lines that are warnings)."""
     command = jupyter_book_command() + [
@@ -391,8 +416,8 @@ def test_page_renders(tab, site, page):
     math = tab.page.evaluate("""() => {
         const formulas = Array.from(document.querySelectorAll('span.math, div.math'));
         return {formulas: formulas.length,
-                untypeset: formulas.filter(f => !f.querySelector('mjx-container')).map(f
-                => f.textContent.slice(0, 80)),
+                untypeset: formulas.filter(f => !f.querySelector('mjx-container'))
+                                   .map(f => f.textContent.slice(0, 80)),
                 containers: document.querySelectorAll('mjx-container').length,
                 errors: Array.from(document.querySelectorAll('mjx-merror'))
                              .map(e => e.getAttribute('data-mjx-error') ||
@@ -453,8 +478,8 @@ def gif_frames(data_url):
 @pytest.mark.parametrize("page", [PAGES[0], "notebooks/04_training"])
 def test_training_animation_is_shown(tab, site, page):
     tab.goto(url_of(site, page))
-    gifs = tab.page.evaluate("""() => Array.from(document.querySelectorAll('article
-    img'))
+    gifs = tab.page.evaluate("""() => Array.from(document.querySelectorAll(
+        'article img'))
         .filter(image => image.src.startsWith('data:image/gif'))
         .map(image => ({width: image.naturalWidth, src: image.src}))""")
     assert gifs, f"{page}.html shows no GIF image (the glued 'progress_animation')"
@@ -466,8 +491,8 @@ def test_training_animation_is_shown(tab, site, page):
 
 def test_landing_page_shows_the_glued_figures(tab, site):
     tab.goto(url_of(site, PAGES[0]))
-    figures = tab.page.evaluate("""() => Array.from(document.querySelectorAll('article
-    img'))
+    figures = tab.page.evaluate("""() => Array.from(document.querySelectorAll(
+        'article img'))
         .filter(image => new URL(image.src).pathname.includes('/_images/'))
         .map(image => image.naturalWidth)""")
     assert len(figures) >= 3 and all(width > 0 for width in figures), (
@@ -542,6 +567,7 @@ def follow(tab, selector):
             return visited
         with tab.page.expect_navigation(wait_until="load"):
             link.first.click()
+        tab.settle()  # leaving a page while MathJax loads its fonts aborts them
         visited.append(without_fragment(tab.page.url))
     raise AssertionError(f"following {selector} does not end: {visited}")
 
@@ -636,3 +662,229 @@ def test_search_finds_a_word_of_chapter_2(tab, site):
     tab.settle()
     assert without_fragment(tab.page.url).split("?")[0] == url_of(site, SEARCH_PAGE)
     assert not tab.problems(), "\n".join(tab.problems())
+
+
+# --------------------------------------------------------------------------------------
+# Code and formulas that fit the page
+# --------------------------------------------------------------------------------------
+
+WIDE, NARROW = 1280, 400
+
+# Every code box (a cell's source, its printed output, a code block) and every display
+# formula in the article that is wider than its box, or than the article's column.
+TOO_WIDE = """() => {
+    const column = document.querySelector('article').getBoundingClientRect().right;
+    const boxes = Array.from(document.querySelectorAll('article pre'))
+        .filter(box => box.scrollWidth > box.clientWidth + 1)
+        .map(box => `code ${box.scrollWidth} px wide in a ${box.clientWidth} px box: `
+                    + JSON.stringify(box.textContent.split('\\n').reduce(
+                        (a, line) => line.length > a.length ? line : a, '')));
+    const formulas = Array.from(
+            document.querySelectorAll('article mjx-container[display="true"]'))
+        .filter(f => f.scrollWidth > f.clientWidth + 1
+                     || f.getBoundingClientRect().right > column + 1)
+        .map(f => `formula ${f.scrollWidth} px wide in a ${f.clientWidth} px column: `
+                  + JSON.stringify((f.closest('.math') || f).textContent.slice(0, 60)));
+    return boxes.concat(formulas);
+}"""
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_code_and_formulas_fit_at_1280_px(tab, site, page):
+    assert tab.page.viewport_size["width"] == WIDE
+    tab.goto(url_of(site, page))
+    too_wide = tab.page.evaluate(TOO_WIDE)
+    assert not too_wide, f"{page}.html at {WIDE} px:\n" + "\n".join(too_wide)
+
+
+@pytest.fixture(scope="module")
+def narrow_context(browser, site):
+    context = browser.new_context(
+        viewport={"width": NARROW, "height": 800}, color_scheme="light"
+    )
+    yield context
+    context.close()
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_page_is_wider_than_a_400_px_phone(narrow_context, site, page):
+    """On a phone, code boxes and formulas scroll inside themselves; the page does
+    not."""
+    tab = Tab(narrow_context, site)
+    try:
+        tab.goto(url_of(site, page))
+        width = tab.page.evaluate("() => document.documentElement.scrollWidth")
+        tab.page.screenshot(
+            path=str(SCREENSHOTS / f"{Path(page).name}_{NARROW}px.png"), full_page=True
+        )
+        assert width <= NARROW, f"{page}.html is {width} px wide at {NARROW} px"
+        assert not tab.problems(), "\n".join(tab.problems())
+    finally:
+        tab.page.close()
+
+
+# --------------------------------------------------------------------------------------
+# The latent explorer (chapter 8): the chapters' models, run in the browser
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explorer_models(explorer_weights):
+    """The 32-D and 2-D models from their checkpoints (which exported the weights)."""
+    config = vh.load_config(ROOT / "config.yaml")
+    config_2d = vh.load_config(ROOT / "configs" / "latent_2d.yaml")
+    return {
+        "config": config,
+        "latent32": vh.load_or_train(config, progress=False)[0].cpu(),
+        "latent2": vh.load_or_train(config_2d, progress=False)[0].cpu(),
+    }
+
+
+def open_explorer(tab, site):
+    tab.goto(url_of(site, EXPLORER))
+    tab.page.wait_for_function("() => window.latentExplorer !== undefined")
+
+
+def canvas_greys(tab, selector):
+    """The 28 x 28 grey levels a canvas shows: the centre pixel of each block."""
+    return tab.page.evaluate(
+        """(selector) => {
+        const canvas = document.querySelector(selector);
+        const scale = canvas.width / 28;
+        const data = canvas.getContext('2d').getImageData(
+            0, 0, canvas.width, canvas.height).data;
+        const greys = [];
+        for (let y = 0; y < 28; y++) for (let x = 0; x < 28; x++) {
+            const at = 4 * (Math.floor((y + 0.5) * scale) * canvas.width
+                            + Math.floor((x + 0.5) * scale));
+            greys.push(data[at]);
+        }
+        return greys;
+    }""",
+        selector,
+    )
+
+
+def pytorch_greys(model, z, config):
+    """PyTorch's decoder output for the code z as 8-bit grey levels (784 values)."""
+    with torch.no_grad():
+        x = model.decode(torch.tensor([z], dtype=torch.float32))
+    pixels = vh.denormalize(x, config["normalize_mean"], config["normalize_std"])
+    return (pixels * 255).round().to(torch.int64).flatten()
+
+
+def shot(tab, name, selector=".bd-article"):
+    """A screenshot of the page in use, the part from the element `selector` on."""
+    tab.page.locator(selector).first.scroll_into_view_if_needed()
+    tab.page.screenshot(path=str(SCREENSHOTS / name))
+
+
+def test_explorer_draws_what_pytorch_decodes(tab, site, explorer_models):
+    open_explorer(tab, site)
+    config = explorer_models["config"]
+    codes_2d = [[0.0, 0.0], [1.5, -2.0], [-3.0, 2.5], [0.3, 3.9]]
+    codes_32 = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)).tolist()
+    for name, show, canvas, codes in [
+        ("latent2", "show2d", "#le-map-image", codes_2d),
+        ("latent32", "show32", "#le-pc-image", codes_32),
+    ]:
+        for z in codes:
+            tab.page.evaluate(f"(z) => latentExplorer.{show}(z)", z)
+            shown = torch.tensor(canvas_greys(tab, canvas))
+            expected = pytorch_greys(explorer_models[name], z, config)
+            worst = int((shown - expected).abs().max())
+            assert worst <= 1, f"{name}, z = {z}: a grey level differs by {worst}/255"
+    assert not tab.problems(), "\n".join(tab.problems())
+
+
+def test_explorer_map_and_sliders_change_the_image(tab, site):
+    open_explorer(tab, site)
+    shot(tab, "latent_explorer.png")
+    tab.page.locator("#le-map").scroll_into_view_if_needed()
+    map_box = tab.page.locator("#le-map").bounding_box()
+    before = canvas_greys(tab, "#le-map-image")
+    start = (
+        map_box["x"] + 0.3 * map_box["width"],
+        map_box["y"] + 0.7 * map_box["height"],
+    )
+    end = (
+        map_box["x"] + 0.75 * map_box["width"],
+        map_box["y"] + 0.3 * map_box["height"],
+    )
+    tab.page.mouse.move(*start)
+    tab.page.mouse.down()
+    seen = []
+    for step in range(1, 6):
+        t = step / 5
+        tab.page.mouse.move(
+            start[0] + t * (end[0] - start[0]), start[1] + t * (end[1] - start[1])
+        )
+        seen.append(canvas_greys(tab, "#le-map-image"))
+    tab.page.mouse.up()
+    z = tab.page.evaluate("() => latentExplorer.state.z2")
+    assert z[0] == pytest.approx(2.0, abs=0.1) and z[1] == pytest.approx(
+        1.6, abs=0.1
+    ), z
+    assert len({tuple(image) for image in [before, *seen]}) == 6, (
+        "dragging over the map did not change the decoded image at every step"
+    )
+    shot(tab, "explorer_map_drag.png")
+
+    for slider, canvas, screenshot in [
+        ("#le-pc1", "#le-pc-image", "explorer_principal.png"),
+        ("#le-t", "#le-mix-image", "explorer_interpolation.png"),
+    ]:
+        before = canvas_greys(tab, canvas)
+        tab.page.locator(slider).focus()  # the keyboard moves a range input
+        tab.page.keyboard.press("End")
+        assert canvas_greys(tab, canvas) != before, f"moving {slider} changed nothing"
+        shot(tab, screenshot, slider)
+    assert not tab.problems(), "\n".join(tab.problems())
+
+
+def test_explorer_encodes_a_drawn_digit_like_pytorch(tab, site, explorer_models):
+    open_explorer(tab, site)
+    pad = tab.page.locator("#le-draw")
+    pad.scroll_into_view_if_needed()
+    box = pad.bounding_box()
+    # a 7: a bar from left to right, then a stroke down to the lower left
+    stroke = [(0.25, 0.2), (0.75, 0.2), (0.62, 0.45), (0.45, 0.8)]
+    points = [
+        (box["x"] + u * box["width"], box["y"] + v * box["height"]) for u, v in stroke
+    ]
+    tab.page.mouse.move(*points[0])
+    tab.page.mouse.down()
+    for point in points[1:]:
+        tab.page.mouse.move(*point, steps=8)
+    tab.page.mouse.up()
+    greys = canvas_greys(tab, "#le-input")  # the 28 x 28 input, read back from the page
+    state = tab.page.evaluate("() => latentExplorer.state")
+    assert greys == state["drawnGrey"] and 30 < sum(g > 0 for g in greys) < 400, (
+        "the canvas 'what the encoder sees' should show the encoded input"
+    )
+    config = explorer_models["config"]
+    x = vh.normalize(
+        torch.tensor([greys]), config["normalize_mean"], config["normalize_std"]
+    )
+    for name, shown in [("latent32", "drawnMu32"), ("latent2", "drawnMu2")]:
+        with torch.no_grad():
+            mu = explorer_models[name].encode(x)[0][0]
+        difference = (torch.tensor(state[shown]) - mu).abs().max().item()
+        assert difference < 1e-4, f"{name}: μ differs from PyTorch's by {difference}"
+    reconstruction = torch.tensor(canvas_greys(tab, "#le-recon32"))
+    expected = pytorch_greys(explorer_models["latent32"], state["drawnMu32"], config)
+    assert (reconstruction - expected).abs().max() <= 1
+    shot(tab, "explorer_drawn.png", "#le-draw")
+    assert not tab.problems(), "\n".join(tab.problems())
+
+
+def test_explorer_page_weight(tab, site):
+    """The explorer page's weight: every file it loads, as served (no compression)."""
+    open_explorer(tab, site)
+    sizes = tab.page.evaluate("""() => performance.getEntriesByType('resource')
+        .concat(performance.getEntriesByType('navigation'))
+        .map(entry => [entry.name, entry.decodedBodySize])""")
+    own = sum(size for name, size in sizes if "/latent_explorer/" in name)
+    total = sum(size for _, size in sizes)
+    print(f"explorer page: {total / 1000:,.0f} kB in all, {own / 1000:,.0f} kB its own")
+    assert own < 3_000_000, f"the explorer's own files weigh {own / 1000:,.0f} kB"

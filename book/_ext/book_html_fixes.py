@@ -14,7 +14,15 @@ sphinx-book-theme builds their
    file name None and once with '', so the browser reports "Identifier 'THEBE_JS_URL'
    has already been declared".
    Each page keeps the first copy of each script.
+3. The latent explorer's weights (book/_extra/latent_explorer/weights.js) are written by
+   notebooks/08_latent_explorer.ipynb, not committed: a build without them warns.
 """
+
+from pathlib import Path
+
+from sphinx.util import logging
+
+EXPLORER_WEIGHTS = "_extra/latent_explorer/weights.js"  # relative to book/
 
 LINK_PATH = "book/notebooks/"
 REAL_PATH = "notebooks/"
@@ -54,8 +62,17 @@ def drop_duplicate_scripts(app, pagename, templatename, context, doctree):
     context["script_files"] = unique
 
 
+def warn_if_explorer_weights_are_missing(app):
+    if not (Path(app.confdir) / EXPLORER_WEIGHTS).is_file():
+        logging.getLogger(__name__).warning(
+            f"book/{EXPLORER_WEIGHTS} is missing: the latent explorer will not run;"
+            " execute notebooks/08_latent_explorer.ipynb (it exports the weights)"
+        )
+
+
 def setup(app):
     # sphinx-book-theme adds its buttons at priority 501; run after it.
     app.connect("html-page-context", rewrite_notebook_links, priority=600)
     app.connect("html-page-context", drop_duplicate_scripts, priority=600)
+    app.connect("builder-inited", warn_if_explorer_weights_are_missing)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
