@@ -50,6 +50,8 @@ DEFAULT_CONFIG = {
     "epochs": 20,
     "batch_size": 128,
     "learning_rate": 1.0e-3,
+    "kl_warmup_epochs": 0,
+    "free_bits": 0.0,
     "seed": 0,
     "device": "auto",
     "output_dir": "outputs",
@@ -158,6 +160,20 @@ def validate_config(config):
         and math.isfinite(c["learning_rate"]),
         "a number > 0, like 1.0e-3",
     )
+    _check(
+        "kl_warmup_epochs",
+        c["kl_warmup_epochs"],
+        _is_int(c["kl_warmup_epochs"]) and 0 <= c["kl_warmup_epochs"] <= c["epochs"],
+        "an integer from 0 (no KL annealing) to epochs",
+    )
+    _check(
+        "free_bits",
+        c["free_bits"],
+        _is_number(c["free_bits"])
+        and c["free_bits"] >= 0
+        and math.isfinite(c["free_bits"]),
+        "a number >= 0, nats per latent dimension (0: no free bits)",
+    )
     device = c["device"]
     _check(
         "device",
@@ -173,6 +189,7 @@ def validate_config(config):
         c["beta"] = c["latent_dim"] / PIXELS
     c["beta"] = float(c["beta"])
     c["learning_rate"] = float(c["learning_rate"])
+    c["free_bits"] = float(c["free_bits"])
     return c
 
 
@@ -407,18 +424,46 @@ def bits_per_dimension(log_likelihood, std=0.3081):
     return -nats / (PIXELS * math.log(2))
 
 
-def vae_loss(reconstruction, x, mu, logvar, beta):
+def vae_loss(reconstruction, x, mu, logvar, beta, free_bits=0.0):
     """The training loss J_β(x) = SSE(x) + β · KL(q(z|x) ‖ N(0, I)) per image (SSE over
     784 pixels, KL summed over the latents), averaged over the batch.
 
     Returns ``(total, reconstruction_error, kl)``, each a batch mean. Summing over
     pixels and latents first keeps
     β's meaning: a per-element mean would divide the SSE by 784 and the KL by the latent
-    size.
+    size. With ``free_bits`` λ > 0 the total uses ``free_bits_kl`` instead of the KL
+    (the returned ``kl`` stays the plain KL).
     """
     squared_error = (reconstruction - x).pow(2).sum(dim=-1)
     kl = kl_divergence(mu, logvar)
+    if free_bits > 0:
+        total = squared_error.mean() + beta * free_bits_kl(mu, logvar, free_bits)
+        return total, squared_error.mean(), kl.mean()
     return (squared_error + beta * kl).mean(), squared_error.mean(), kl.mean()
+
+
+def free_bits_kl(mu, logvar, floor):
+    """The KL term with free bits (Kingma et al., 2016): Σ_d max(λ, KL_d), where KL_d
+    is dimension d's KL averaged over the batch and λ = ``floor`` nats.
+
+    Below λ a dimension's KL costs nothing and has no gradient, so the optimizer has no
+    reason to push it down to 0 (to collapse it). With λ = 0 it is the batch mean of
+    ``kl_divergence``.
+    """
+    per_dimension = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(dim=0)
+    return per_dimension.clamp(min=floor).sum()
+
+
+def kl_weight(beta, progress, warmup_epochs):
+    """The KL weight under KL annealing (Bowman et al., 2016): it rises linearly from 0
+    to β over the first ``warmup_epochs`` epochs, then stays at β.
+
+    ``progress`` is the number of epochs done, fractions included (1.5: halfway
+    through the second epoch). With ``warmup_epochs`` = 0 it is β throughout.
+    """
+    if warmup_epochs <= 0:
+        return beta
+    return beta * min(1.0, progress / warmup_epochs)
 
 
 def gaussian_elbo_nats(total_loss, beta):
@@ -440,24 +485,54 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def train_epoch(model, optimizer, images, batch_size, beta, generator, epoch=1):
+def adam(parameters, learning_rate, eps=1e-8):
+    """``torch.optim.Adam`` with its fused kernel (one kernel for all parameters;
+    measured in benchmarks/benchmark_adam.py), falling back to the default
+    implementation where this torch or device has no fused Adam.
+
+    The fused and the default update agree to float rounding (tests/test_training.py).
+    """
+    parameters = list(parameters)
+    try:
+        return torch.optim.Adam(parameters, lr=learning_rate, eps=eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(parameters, lr=learning_rate, eps=eps)
+
+
+def train_epoch(
+    model,
+    optimizer,
+    images,
+    batch_size,
+    beta,
+    generator,
+    epoch=1,
+    kl_warmup_epochs=0,
+    free_bits=0.0,
+):
     """One pass over ``images`` in shuffled batches; returns the epoch's mean loss J_β,
     reconstruction error and KL
     as a dict with the keys "loss", "reconstruction" and "kl".
 
     Batches are index lookups into the one data tensor. Stops with ``TrainingDiverged``
     naming the epoch and
-    batch when the loss turns NaN or infinite.
+    batch when the loss turns NaN or infinite. ``kl_warmup_epochs`` (KL annealing, see
+    ``kl_weight``) and ``free_bits`` (see ``free_bits_kl``) change the loss optimized;
+    with their defaults it is SSE + β·KL.
     """
     model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
     sums = torch.zeros(
         3, device=images.device
     )  # loss, reconstruction error, KL, each summed over images
+    batches = math.ceil(len(images) / batch_size)
     for batch, start in enumerate(range(0, len(images), batch_size), start=1):
         x = images[order[start : start + batch_size]]
         reconstruction, mu, logvar = model(x)
-        loss, reconstruction_error, kl = vae_loss(reconstruction, x, mu, logvar, beta)
+        weight = kl_weight(beta, epoch - 1 + batch / batches, kl_warmup_epochs)
+        loss, reconstruction_error, kl = vae_loss(
+            reconstruction, x, mu, logvar, weight, free_bits
+        )
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at epoch {epoch}, batch {batch}; "
@@ -561,7 +636,7 @@ def train(config, data=None, resume=False, progress=True):
     )
     torch.manual_seed(config["seed"])
     model = model_from_config(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
+    optimizer = adam(model.parameters(), config["learning_rate"])
     shuffle = torch.Generator().manual_seed(config["seed"])
     history = {
         "epoch": [],
@@ -602,6 +677,8 @@ def train(config, data=None, resume=False, progress=True):
             config["beta"],
             shuffle,
             epoch=epoch,
+            kl_warmup_epochs=config["kl_warmup_epochs"],
+            free_bits=config["free_bits"],
         )
         validation = evaluate(model, validation_images, config["beta"])
         for key, value in [

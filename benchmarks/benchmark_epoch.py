@@ -8,7 +8,8 @@ on the 55,000 training images.
 
 1. Project loop: ``vh.train_epoch`` on the one normalized tensor from
 ``vh.mnist_splits`` (batches are index
-   lookups), with the config's model and ``torch.optim.Adam``, after one warm-up epoch.
+   lookups), with the config's model and the project's optimizer ``vh.adam`` (Adam's
+   fused kernel where torch has it), after one warm-up epoch.
 2. DataLoader idiom, as in pytorch/examples' VAE: ``torchvision.datasets.MNIST`` with
 ``ToTensor`` + ``Normalize``,
    a ``Subset`` with the same training indices as ``vh.mnist_splits``,
@@ -68,7 +69,9 @@ def fresh_model(config):
 
 def project_epoch(config, train_images):
     """One epoch of the project's loop, as a function to time (after a warm-up)."""
-    model, optimizer = fresh_model(config)
+    torch.manual_seed(config["seed"])
+    model = vh.model_from_config(config)
+    optimizer = vh.adam(model.parameters(), config["learning_rate"])
     shuffle = torch.Generator().manual_seed(config["seed"])
     epoch = lambda: vh.train_epoch(
         model, optimizer, train_images, config["batch_size"], config["beta"], shuffle
@@ -152,9 +155,16 @@ def main():
         default=3,
         help="interleaved rounds, each timing one epoch of each loop",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="override the config's batch size (chapter 5 trains at 512)",
+    )
     args = parser.parse_args()
     began = time.perf_counter()
-    config = vh.load_config(args.config)
+    overrides = {"batch_size": args.batch_size} if args.batch_size else {}
+    config = vh.load_config(args.config, **overrides)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch"
         f" {config['batch_size']}, load average at start {os.getloadavg()[0]:.2f}"

@@ -62,6 +62,15 @@ def test_the_project_config_loads_with_the_documented_defaults(config):
             "unknown key 'learnig_rate' (did you mean 'learning_rate'?)",
         ),
         ({"bta": 1}, "unknown key 'bta' (did you mean 'beta'?)"),
+        (
+            {"kl_warmup_epochs": -1},
+            "'kl_warmup_epochs' must be an integer from 0 (no KL annealing) to epochs",
+        ),
+        ({"kl_warmup_epochs": 30, "epochs": 20}, "'kl_warmup_epochs' must be"),
+        (
+            {"free_bits": -0.5},
+            "'free_bits' must be a number >= 0, nats per latent dimension",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_expected(write_config, overrides, message):

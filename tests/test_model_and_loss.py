@@ -167,3 +167,35 @@ def test_denormalize_inverts_normalize():
     torch.testing.assert_close(
         restored.reshape(3, 28, 28) * 255, images.float(), atol=1e-3, rtol=0
     )
+
+
+def test_free_bits_with_a_zero_floor_is_the_plain_kl():
+    torch.manual_seed(2)
+    mu, logvar = torch.randn(64, 32), torch.randn(64, 32)
+    torch.testing.assert_close(
+        vh.free_bits_kl(mu, logvar, 0.0), vh.kl_divergence(mu, logvar).mean()
+    )
+    x, reconstruction = torch.randn(64, 784), torch.randn(64, 784)
+    plain = vh.vae_loss(reconstruction, x, mu, logvar, 0.7)
+    floored = vh.vae_loss(reconstruction, x, mu, logvar, 0.7, free_bits=1e-30)
+    for a, b in zip(plain, floored):
+        torch.testing.assert_close(a, b)
+
+
+def test_free_bits_count_each_dimension_only_above_the_floor():
+    mu = torch.zeros(8, 3)
+    mu[:, 0] = 2.0  # KL 2 nats in dimension 0; dimensions 1 and 2 sit at the prior
+    logvar = torch.zeros(8, 3, requires_grad=True)
+    floored = vh.free_bits_kl(mu, logvar, 0.5)
+    assert floored.item() == pytest.approx(2.0 + 0.5 + 0.5)
+    floored.backward()
+    assert logvar.grad[:, 1:].abs().max() == 0  # no gradient below the floor
+
+
+def test_the_annealed_kl_weight_rises_linearly_and_reaches_beta_on_schedule():
+    beta, warmup = 0.8, 5
+    assert vh.kl_weight(beta, 0.0, warmup) == 0.0
+    assert vh.kl_weight(beta, 2.5, warmup) == pytest.approx(0.4)
+    assert vh.kl_weight(beta, warmup, warmup) == pytest.approx(beta)
+    assert vh.kl_weight(beta, 11.3, warmup) == beta
+    assert vh.kl_weight(beta, 0.0, 0) == beta  # no annealing: β from the first step

@@ -175,3 +175,38 @@ def test_cli_trains_writes_the_figures_reuses_and_resumes(write_config, tmp_path
     )
     assert resumed.returncode == 0 and "Test loss" in resumed.stdout, resumed.stderr
     assert vh.load_checkpoint(vh.checkpoint_path(vh.load_config(longer)))["epoch"] == 2
+
+
+def test_fused_adam_agrees_with_the_default_adam():
+    torch.manual_seed(0)
+    models = [vh.VAE(latent_dim=4, hidden_sizes=[16]) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [
+        vh.adam(models[0].parameters(), 1e-3),
+        torch.optim.Adam(models[1].parameters(), lr=1e-3),
+    ]
+    x = torch.randn(32, 784)
+    for _ in range(5):
+        for model, optimizer in zip(models, optimizers):
+            torch.manual_seed(1)
+            reconstruction, mu, logvar = model(x)
+            loss = vh.vae_loss(reconstruction, x, mu, logvar, 0.5)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_annealing_and_free_bits_train_through_the_one_loop(
+    quick_config, small_data, monkeypatch
+):
+    config = {**quick_config, "kl_warmup_epochs": 2, "free_bits": 0.5}
+    seen, original = [], vh.kl_weight
+    monkeypatch.setattr(
+        vh, "kl_weight", lambda *a: seen.append(original(*a)) or seen[-1]
+    )
+    _, history = vh.train(config, small_data, progress=False)
+    assert len(history["epoch"]) == 3
+    assert 0 < seen[0] < seen[-1] == config["beta"]
+    assert vh.checkpoint_path(config) != vh.checkpoint_path(quick_config)
