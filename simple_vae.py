@@ -133,12 +133,18 @@ def main(argv=None):
     )
     save_figures(model, history, data, config, output_dir)
     test = vh.evaluate(model, data["test"][0], config["beta"])
-    print(
-        f"Test loss {test['loss']:.2f} = reconstruction {test['reconstruction']:.2f} +"
-        f" β × KL, KL = {test['kl']:.2f} nats (ELBO"
-        f" {vh.gaussian_elbo_nats(test['loss'], config['beta']):.1f} nats under σ² ="
-        " β/2)"
-    )
+    if config["likelihood"] == "bernoulli":  # chapter 7: nats of binarized images
+        print(
+            f"Test -ELBO {test['reconstruction'] + test['kl']:.2f} nats ="
+            f" -log p(x|z) {test['reconstruction']:.2f} + KL {test['kl']:.2f}"
+        )
+    else:
+        print(
+            f"Test loss {test['loss']:.2f} = reconstruction"
+            f" {test['reconstruction']:.2f} + β × KL, KL = {test['kl']:.2f} nats (ELBO"
+            f" {vh.gaussian_elbo_nats(test['loss'], config['beta']):.1f} nats"
+            " under σ² = β/2)"
+        )
     print(
         "Wrote history.json, recon.png, gen.png, progress.gif and tsne.png to"
         f" {output_dir}; checkpoint {path}"

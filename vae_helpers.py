@@ -55,6 +55,12 @@ DEFAULT_CONFIG = {
     "seed": 0,
     "device": "auto",
     "output_dir": "outputs",
+    # Chapter 7 (a Bernoulli VAE against Burda et al.'s benchmark):
+    "likelihood": "gaussian",
+    "activation": "relu",
+    "binarize": "none",
+    "adam_epsilon": 1.0e-8,
+    "schedule": "constant",
 }
 TRAINING_SET_SIZE = 60000
 # Keys that change where things are, not what is trained: they are left out of a
@@ -185,12 +191,46 @@ def validate_config(config):
         ),
         "one of auto, cpu, cuda, cuda:N, mps",
     )
+    _check_chapter7_keys(c)
     if c["beta"] == "auto":
-        c["beta"] = c["latent_dim"] / PIXELS
+        c["beta"] = 1.0 if c["likelihood"] == "bernoulli" else c["latent_dim"] / PIXELS
     c["beta"] = float(c["beta"])
     c["learning_rate"] = float(c["learning_rate"])
     c["free_bits"] = float(c["free_bits"])
+    c["adam_epsilon"] = float(c["adam_epsilon"])
     return c
+
+
+CHOICES = {
+    "likelihood": ("gaussian", "bernoulli"),
+    "activation": ("relu", "tanh"),
+    "binarize": ("none", "dynamic", "fixed"),
+    "schedule": ("constant", "burda"),
+}
+
+
+def _check_chapter7_keys(c):
+    """The keys of the Bernoulli VAE (chapter 7): the decoder's likelihood, the hidden
+    activation, the binarization of the images, Adam's ε and the learning-rate schedule.
+    """
+    for key, choices in CHOICES.items():
+        _check(key, c[key], c[key] in choices, "one of " + ", ".join(choices))
+    _check(
+        "adam_epsilon",
+        c["adam_epsilon"],
+        _is_number(c["adam_epsilon"]) and 0 < c["adam_epsilon"] < 1,
+        "a number in (0, 1), like 1.0e-8 (PyTorch's default) or 1.0e-4",
+    )
+    if c["binarize"] != "none" and (c["normalize_mean"], c["normalize_std"]) != (0, 1):
+        raise ConfigError(
+            "'binarize' needs pixel intensities in [0, 1] as probabilities: set"
+            " normalize_mean: 0.0 and normalize_std: 1.0"
+        )
+    if c["likelihood"] == "bernoulli" and c["binarize"] == "none":
+        raise ConfigError(
+            "'likelihood: bernoulli' is a distribution over binary pixels: set"
+            " binarize to dynamic or fixed"
+        )
 
 
 def load_config(path="config.yaml", **overrides):
@@ -325,7 +365,7 @@ def mnist_splits(config, device=None):
         order[config["validation_size"] :],
     )
     test_images, test_labels = load_mnist(config["data_root"], train=False)
-    return {
+    splits = {
         "train": (
             normalize(images[train], mean, std).to(device),
             labels[train].to(device),
@@ -336,6 +376,22 @@ def mnist_splits(config, device=None):
         ),
         "test": (normalize(test_images, mean, std).to(device), test_labels.to(device)),
     }
+    if config.get("binarize", "none") != "none":  # one fixed draw (chapter 7)
+        generator = torch.Generator().manual_seed(BINARIZATION_SEED)
+        fixed = ["test", "validation"] + (["train"] * (config["binarize"] == "fixed"))
+        for split in fixed:
+            splits[split] = (binarize(splits[split][0], generator), splits[split][1])
+    return splits
+
+
+BINARIZATION_SEED = 0  # the one fixed draw of the binarized test and validation images
+
+
+def binarize(images, generator):
+    """Stochastic binarization: each pixel becomes 1 with probability its intensity in
+    [0, 1], else 0; drawn on the CPU with ``generator``, returned on ``images``' device.
+    """
+    return torch.bernoulli(images.cpu(), generator=generator).to(images.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -343,11 +399,14 @@ def mnist_splits(config, device=None):
 # --------------------------------------------------------------------------------------
 
 
-def mlp(sizes):
-    """Linear layers with ReLU between them and a linear last layer."""
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def mlp(sizes, activation="relu"):
+    """Linear layers with ReLU (or tanh) between them and a linear last layer."""
     layers = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        layers += [nn.Linear(n_in, n_out), ACTIVATIONS[activation]()]
     return nn.Sequential(*layers[:-1])
 
 
@@ -360,11 +419,18 @@ class VAE(nn.Module):
     ReLU head would clip.
     """
 
-    def __init__(self, latent_dim=32, hidden_sizes=(100, 100)):
+    def __init__(
+        self,
+        latent_dim=32,
+        hidden_sizes=(100, 100),
+        activation="relu",
+        likelihood="gaussian",
+    ):
         super().__init__()
         self.latent_dim = latent_dim
-        self.encoder = mlp([PIXELS, *hidden_sizes, 2 * latent_dim])
-        self.decoder = mlp([latent_dim, *reversed(hidden_sizes), PIXELS])
+        self.likelihood = likelihood  # "bernoulli": the decoder outputs pixel logits
+        self.encoder = mlp([PIXELS, *hidden_sizes, 2 * latent_dim], activation)
+        self.decoder = mlp([latent_dim, *reversed(hidden_sizes), PIXELS], activation)
 
     def encode(self, x):
         """The posterior q(z|x) = N(μ, diag σ²) as its mean and log-variance, each (N,
@@ -373,20 +439,27 @@ class VAE(nn.Module):
         return mu, logvar
 
     def decode(self, z):
-        """The decoder's mean image (normalized units, N × 784) for latent codes z."""
-        return self.decoder(z)
+        """The decoder's mean image (N × 784) for latent codes z: normalized units, or
+        pixel probabilities (the sigmoid of the logits) for the Bernoulli decoder."""
+        output = self.decoder(z)
+        return torch.sigmoid(output) if self.likelihood == "bernoulli" else output
 
     def forward(self, x, generator=None):
         """Encode, sample z = μ + σ·ε with the reparameterization trick, decode; return
-        (x̂, μ, log σ²)."""
+        (x̂, μ, log σ²), x̂ being the pixel logits for the Bernoulli decoder."""
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, generator)
-        return self.decode(z), mu, logvar
+        return self.decoder(z), mu, logvar
 
 
 def model_from_config(config):
     """A fresh VAE with the config's sizes."""
-    return VAE(config["latent_dim"], config["hidden_sizes"])
+    return VAE(
+        config["latent_dim"],
+        config["hidden_sizes"],
+        config.get("activation", "relu"),
+        config.get("likelihood", "gaussian"),
+    )
 
 
 def reparameterize(mu, logvar, generator=None):
@@ -424,9 +497,27 @@ def bits_per_dimension(log_likelihood, std=0.3081):
     return -nats / (PIXELS * math.log(2))
 
 
-def vae_loss(reconstruction, x, mu, logvar, beta, free_bits=0.0):
+def bernoulli_log_likelihood(logits, x):
+    """log p(x|z) in nats per image of binary pixels x under independent Bernoulli
+    pixels with probabilities sigmoid(logits): Σ x log p + (1 − x) log(1 − p), computed
+    from the logits so that no log(0) occurs."""
+    return -nn.functional.binary_cross_entropy_with_logits(
+        logits, x, reduction="none"
+    ).sum(dim=-1)
+
+
+def reconstruction_error(reconstruction, x, likelihood="gaussian"):
+    """Per image: the SSE over pixels (Gaussian decoder) or −log p(x|z) in nats
+    (Bernoulli decoder, ``reconstruction`` holding its logits)."""
+    if likelihood == "bernoulli":
+        return -bernoulli_log_likelihood(reconstruction, x)
+    return (reconstruction - x).pow(2).sum(dim=-1)
+
+
+def vae_loss(reconstruction, x, mu, logvar, beta, free_bits=0.0, likelihood="gaussian"):
     """The training loss J_β(x) = SSE(x) + β · KL(q(z|x) ‖ N(0, I)) per image (SSE over
-    784 pixels, KL summed over the latents), averaged over the batch.
+    784 pixels, KL summed over the latents), averaged over the batch; for the Bernoulli
+    decoder, −log p(x|z) in nats replaces the SSE.
 
     Returns ``(total, reconstruction_error, kl)``, each a batch mean. Summing over
     pixels and latents first keeps
@@ -434,12 +525,12 @@ def vae_loss(reconstruction, x, mu, logvar, beta, free_bits=0.0):
     size. With ``free_bits`` λ > 0 the total uses ``free_bits_kl`` instead of the KL
     (the returned ``kl`` stays the plain KL).
     """
-    squared_error = (reconstruction - x).pow(2).sum(dim=-1)
+    error = reconstruction_error(reconstruction, x, likelihood)
     kl = kl_divergence(mu, logvar)
     if free_bits > 0:
-        total = squared_error.mean() + beta * free_bits_kl(mu, logvar, free_bits)
-        return total, squared_error.mean(), kl.mean()
-    return (squared_error + beta * kl).mean(), squared_error.mean(), kl.mean()
+        total = error.mean() + beta * free_bits_kl(mu, logvar, free_bits)
+        return total, error.mean(), kl.mean()
+    return (error + beta * kl).mean(), error.mean(), kl.mean()
 
 
 def free_bits_kl(mu, logvar, floor):
@@ -531,7 +622,13 @@ def train_epoch(
         reconstruction, mu, logvar = model(x)
         weight = kl_weight(beta, epoch - 1 + batch / batches, kl_warmup_epochs)
         loss, reconstruction_error, kl = vae_loss(
-            reconstruction, x, mu, logvar, weight, free_bits
+            reconstruction,
+            x,
+            mu,
+            logvar,
+            weight,
+            free_bits,
+            likelihood=model.likelihood,
         )
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -558,8 +655,10 @@ def evaluate(model, images, beta, batch_size=1000, seed=0):
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
         mu, logvar = model.encode(x)
-        reconstruction = model.decode(reparameterize(mu, logvar, generator))
-        parts = vae_loss(reconstruction, x, mu, logvar, beta)
+        reconstruction = model.decoder(reparameterize(mu, logvar, generator))
+        parts = vae_loss(
+            reconstruction, x, mu, logvar, beta, likelihood=model.likelihood
+        )
         sums += torch.tensor([p.item() for p in parts], dtype=torch.float64) * len(x)
     loss, reconstruction_error, kl = (sums / len(images)).tolist()
     return {"loss": loss, "reconstruction": reconstruction_error, "kl": kl}
@@ -636,7 +735,9 @@ def train(config, data=None, resume=False, progress=True):
     )
     torch.manual_seed(config["seed"])
     model = model_from_config(config).to(device)
-    optimizer = adam(model.parameters(), config["learning_rate"])
+    optimizer = adam(
+        model.parameters(), config["learning_rate"], eps=config["adam_epsilon"]
+    )
     shuffle = torch.Generator().manual_seed(config["seed"])
     history = {
         "epoch": [],
@@ -669,10 +770,14 @@ def train(config, data=None, resume=False, progress=True):
     )
     for epoch in bar:
         began = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(config, epoch)
         train_parts = train_epoch(
             model,
             optimizer,
-            train_images,
+            binarize(train_images, shuffle)
+            if config["binarize"] == "dynamic"  # a fresh draw every epoch
+            else train_images,
             config["batch_size"],
             config["beta"],
             shuffle,
@@ -712,7 +817,42 @@ def train(config, data=None, resume=False, progress=True):
                 "torch_rng": torch.get_rng_state(),
             },
         )
+        if config["schedule"] == "burda" and epoch < config["epochs"]:
+            save_stage_checkpoint(path, config, epoch)
     return model, history
+
+
+def save_stage_checkpoint(path, config, epoch):
+    """At the end of a stage of Burda et al.'s schedule, copy the checkpoint at
+    ``path`` as the finished checkpoint of the same config with ``epochs = epoch``.
+
+    A run with fewer epochs is exactly the start of a longer one (same seed, batches
+    and learning rates), so ``load_or_train`` then finds the model of every completed
+    stage without training it again.
+    """
+    if burda_stage(epoch + 1) > burda_stage(epoch):
+        stage_config = {**config, "epochs": epoch}
+        checkpoint = {**load_checkpoint(path), "config": stage_config}
+        save_checkpoint(checkpoint_path(stage_config), checkpoint)
+
+
+def burda_stage(epoch):
+    """The stage i of Burda et al.'s schedule that epoch ``epoch`` (from 1) is in:
+    stage i lasts 3^i epochs, so it ends after epoch (3^(i+1) − 1) / 2 (1, 4, 13, 40,
+    121, …)."""
+    stage = 0
+    while (3 ** (stage + 1) - 1) // 2 < epoch:
+        stage += 1
+    return stage
+
+
+def learning_rate_at(config, epoch):
+    """The learning rate of epoch ``epoch`` (from 1): ``learning_rate`` throughout, or
+    with ``schedule: burda`` learning_rate · 10^(−i/7) in stage i (Burda et al., 2016).
+    """
+    if config["schedule"] == "burda":
+        return config["learning_rate"] * 10 ** (-burda_stage(epoch) / 7)
+    return config["learning_rate"]
 
 
 def check_same_config(checkpoint, config, path):
@@ -951,7 +1091,7 @@ def active_units(model, images, threshold=0.01):
     active when
     Cov_x(E_q[z_d]), the variance over ``images`` of the posterior mean μ_d(x), exceeds
     ``threshold``
-    (Burda et al., 2015). Returns ``(count, variances)``."""
+    (Burda et al., 2016). Returns ``(count, variances)``."""
     variances = latent_means(model, images).var(dim=0)
     return int((variances > threshold).sum()), variances
 
@@ -969,7 +1109,7 @@ def kl_per_dimension(model, images):
 def importance_weighted_log_likelihood(
     model, images, beta, k=100, seed=0, max_decodes=10000
 ):
-    """The importance-weighted bound ℒ_K (Burda et al., 2015) on log p(x) per image, in
+    """The importance-weighted bound ℒ_K (Burda et al., 2016) on log p(x) per image, in
     nats (normalized pixel units): one estimate per image.
 
     For each image, log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x) with z_k ~ q(z|x), under
@@ -991,10 +1131,15 @@ def importance_weighted_log_likelihood(
         mu, logvar = model.encode(x)
         eps = torch.randn((k, *mu.shape), generator=generator).to(mu.device)
         z = mu + torch.exp(0.5 * logvar) * eps  # (K, n, latent_dim)
-        squared_error = (model.decode(z) - x).double().pow(2).sum(dim=-1)
-        log_p_x_given_z = -squared_error / (2 * variance) - PIXELS / 2 * math.log(
-            2 * math.pi * variance
-        )
+        if model.likelihood == "bernoulli":  # binary x; β plays no part
+            logits = model.decoder(z)
+            log_p_x_given_z = bernoulli_log_likelihood(logits, x.expand_as(logits))
+            log_p_x_given_z = log_p_x_given_z.double()
+        else:
+            squared_error = (model.decode(z) - x).double().pow(2).sum(dim=-1)
+            log_p_x_given_z = -squared_error / (2 * variance) - PIXELS / 2 * math.log(
+                2 * math.pi * variance
+            )
         log_p_z = -0.5 * z.double().pow(2).sum(
             dim=-1
         )  # the constants -d/2·log 2π of p(z) and q(z|x) cancel
