@@ -12,7 +12,10 @@ import io
 import json
 import math
 import os
+import re
+import reprlib
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +29,12 @@ MNIST_FILES = {  # the four IDX files torchvision reads, with their exact sizes 
     "train-labels-idx1-ubyte": 8 + 60000,
     "t10k-images-idx3-ubyte": 16 + 10000 * PIXELS,
     "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+MNIST_HEADERS = {  # their IDX headers: magic number (2051 images, 2049 labels), sizes
+    "train-images-idx3-ubyte": [2051, 60000, 28, 28],
+    "train-labels-idx1-ubyte": [2049, 60000],
+    "t10k-images-idx3-ubyte": [2051, 10000, 28, 28],
+    "t10k-labels-idx1-ubyte": [2049, 10000],
 }
 
 
@@ -76,16 +85,65 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _short_repr(value):
+    """``repr`` cut to a few items and characters: any value fits in one line."""
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = 60
+    try:
+        return shortener.repr(value)
+    except ValueError:  # an integer too long to print
+        return f"an integer of {value.bit_length()} bits"
+
+
+def _number_as_text_hint(value, integer=False):
+    """Why YAML read a number as text, and how to write it (PyYAML follows YAML 1.1:
+    a float needs a dot, and an exponent needs its sign: 1.0e-3, 1.0e+9)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    text = value.strip()
+    if integer and number.is_integer() and abs(number) < 1e18:
+        return f" (YAML read it as text: write {int(number)})"
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text):
+        mantissa, exponent = re.split("[eE]", text)
+        mantissa += "" if "." in mantissa else ".0"
+        exponent = exponent if exponent[0] in "+-" else "+" + exponent
+        return (
+            f" (YAML read it as text: write {mantissa}e{exponent}, with a dot and a"
+            " signed exponent)"
+        )
+    return " (YAML read it as text: write the number without quotes)"
+
+
 def _check(key, value, ok, expected):
     if not ok:
         hint = ""
         if isinstance(value, str):
-            try:
-                float(value)
-                hint = " (YAML read it as text: write numbers like 1.0e-3, with a dot)"
-            except ValueError:
-                pass
-        raise ConfigError(f"'{key}' must be {expected}, got {value!r}{hint}")
+            hint = _number_as_text_hint(value, integer="integer" in expected)
+        raise ConfigError(f"'{key}' must be {expected}, got {_short_repr(value)}{hint}")
+
+
+def _missing_device(name):
+    """Why the valid device name ``name`` is not usable on this machine, or None."""
+    with warnings.catch_warnings():  # a broken CUDA install warns; the error says it
+        warnings.simplefilter("ignore")
+        if name.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                return "PyTorch sees no CUDA GPU on this machine; use auto or cpu"
+            if int(name[5:] or 0) >= count:
+                return (
+                    f"PyTorch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1};"
+                    " use one of them, auto or cpu"
+                )
+        mps = getattr(torch.backends, "mps", None)
+        if name == "mps" and not (mps and mps.is_available()):
+            return (
+                "Apple's MPS is not available on this machine (it needs an Apple"
+                " silicon Mac); use auto or cpu"
+            )
+    return None
 
 
 def validate_config(config):
@@ -112,7 +170,10 @@ def validate_config(config):
     c = {**DEFAULT_CONFIG, **config}
     for key in ("data_root", "output_dir"):
         _check(
-            key, c[key], isinstance(c[key], str) and c[key] != "", "a non-empty path"
+            key,
+            c[key],
+            isinstance(c[key], str) and c[key].strip() != "" and "\0" not in c[key],
+            "a non-empty path",
         )
     _check(
         "normalize_mean",
@@ -133,7 +194,12 @@ def validate_config(config):
         f"an integer from 1 to {TRAINING_SET_SIZE - 1}, so that training images remain",
     )
     for key in ("validation_seed", "seed"):
-        _check(key, c[key], _is_int(c[key]) and c[key] >= 0, "an integer >= 0")
+        _check(
+            key,
+            c[key],
+            _is_int(c[key]) and 0 <= c[key] < 2**63,
+            "an integer >= 0 (below 2**63)",
+        )
     sizes = c["hidden_sizes"]
     _check(
         "hidden_sizes",
@@ -192,6 +258,9 @@ def validate_config(config):
         "one of auto, cpu, cuda, cuda:N, mps",
     )
     _check_chapter7_keys(c)
+    missing = _missing_device(device) if device != "auto" else None
+    if missing:
+        raise ConfigError(f"'device' is {device!r}, but {missing}")
     if c["beta"] == "auto":
         c["beta"] = 1.0 if c["likelihood"] == "bernoulli" else c["latent_dim"] / PIXELS
     c["beta"] = float(c["beta"])
@@ -233,25 +302,76 @@ def _check_chapter7_keys(c):
         )
 
 
-def load_config(path="config.yaml", **overrides):
-    """Read a YAML config, apply ``overrides``, validate it and resolve paths relative
-    to the file's folder.
+# A config is a few hundred bytes: a bigger file than this is refused before parsing.
+CONFIG_MAX_BYTES = 1_000_000
 
-    The environment variable ``MNIST_ROOT``, when set, replaces ``data_root`` (CI and
-    offline copies use it).
-    """
-    path = Path(path)
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML alone
+    keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in first_line
+            except TypeError:  # an unhashable key: PyYAML explains it below
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {_short_repr(key)} (first on line"
+                    f" {first_line[key] + 1}); keep one",
+                    problem_mark=key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path):
+    """The YAML document in the file ``path``; ``ConfigError`` naming the line if it is
+    not one."""
     if not path.is_file():
+        problem = "is not a regular file" if path.exists() else "not found"
         raise ConfigError(
-            f"config file '{path}' not found (pass -c with the path to config.yaml)"
+            f"config file '{path}' {problem} (pass -c with the path to config.yaml)"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        size = path.stat().st_size
+        if size > CONFIG_MAX_BYTES:
+            raise ConfigError(
+                f"config file '{path}' is {size / 1e6:.1f} MB, but a config is a few"
+                " hundred bytes: pass -c with the path to config.yaml"
+            )
+        text = path.read_bytes()  # PyYAML finds the encoding (UTF-8 or UTF-16)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read config file '{path}' ({error.strerror}); check its"
+            " permissions"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
+        kind = "" if problem.startswith("duplicate key") else "malformed YAML: "
+        raise ConfigError(f"{path}{where}: {kind}{problem}") from None
+    except (RecursionError, ValueError) as error:  # deep nesting, a 5,000-digit int
+        problem = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise ConfigError(f"{path}: malformed YAML: {problem}") from None
+
+
+def load_config(path="config.yaml", **overrides):
+    """Read a YAML config, apply ``overrides``, validate it and resolve paths relative
+    to the file's folder (``~`` is your home folder).
+
+    The environment variable ``MNIST_ROOT``, when set, replaces ``data_root`` (CI and
+    offline copies use it).
+    """
+    path = Path(path).expanduser()
+    raw = _read_yaml(path)
+    raw = {} if raw is None else raw
     try:
         config = validate_config(
             raw
@@ -260,10 +380,16 @@ def load_config(path="config.yaml", **overrides):
             if isinstance(raw, dict)
             else raw
         )
+        for key in ("data_root", "output_dir"):
+            try:
+                folder = Path(config[key]).expanduser()
+                config[key] = str((path.parent / folder).resolve())
+            except (OSError, RuntimeError, ValueError) as error:
+                raise ConfigError(
+                    f"'{key}' is {config[key]!r}, not a usable path ({error})"
+                ) from None
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-    for key in ("data_root", "output_dir"):
-        config[key] = str((path.parent / config[key]).resolve())
     if os.environ.get("MNIST_ROOT"):
         config["data_root"] = str(Path(os.environ["MNIST_ROOT"]).expanduser().resolve())
     return config
@@ -295,16 +421,49 @@ def select_device(name="auto"):
 
 
 def check_mnist_files(root):
-    """Raise ``ConfigError`` if an MNIST file under ``root/MNIST/raw`` exists with the
-    wrong size (truncated)."""
+    """Raise ``ConfigError`` naming the file if an MNIST file under ``root/MNIST/raw``
+    exists but is not the file torchvision expects: the wrong size (truncated), the
+    wrong IDX header (magic number, count, 28 × 28), or a label outside 0 to 9.
+
+    torchvision would fail on such a file with an empty ``AssertionError``, or load it.
+    Missing files are left to torchvision, which downloads them.
+    """
     raw = Path(root) / "MNIST" / "raw"
+    fix = "delete it to download it again, or copy a good one there"
     for name, size in MNIST_FILES.items():
         file = raw / name
-        if file.exists() and file.stat().st_size != size:
+        if not file.exists():
+            continue
+        try:
+            actual = file.stat().st_size
+            if not file.is_file():
+                raise ConfigError(f"MNIST file {file} is not a regular file; {fix}")
+            if actual != size:
+                raise ConfigError(
+                    f"MNIST file {file} is {actual} bytes, expected {size}: it is"
+                    f" truncated or corrupt; {fix}"
+                )
+            expected = MNIST_HEADERS[name]
+            with open(file, "rb") as stream:
+                head = stream.read(4 * len(expected))
+                labels = stream.read() if "labels" in name else b""
+        except OSError as error:
             raise ConfigError(
-                f"MNIST file {file} is {file.stat().st_size} bytes, expected {size}: it"
-                " is truncated or corrupt; delete it to download it again, or copy a"
-                " good one there"
+                f"cannot read MNIST file {file} ({error.strerror}); check its"
+                f" permissions, or {fix}"
+            ) from None
+        header = [
+            int.from_bytes(head[i : i + 4], "big") for i in range(0, len(head), 4)
+        ]
+        if header != expected:
+            raise ConfigError(
+                f"MNIST file {file} has the IDX header {header}, expected {expected}:"
+                f" it is not this MNIST file, or it is corrupt; {fix}"
+            )
+        if labels and max(labels) > 9:
+            raise ConfigError(
+                f"MNIST file {file} holds a label {max(labels)}, expected 0 to 9: it is"
+                f" corrupt; {fix}"
             )
 
 
@@ -317,19 +476,35 @@ def load_mnist(root, train=True, download=True):
     """
     from torchvision.datasets import MNIST
 
+    raw = Path(root) / "MNIST" / "raw"
+    fix = (
+        f"put the four uncompressed IDX files ({', '.join(MNIST_FILES)}) there, or set"
+        " MNIST_ROOT to the folder that holds MNIST/raw"
+    )
     check_mnist_files(root)
     try:
         dataset = MNIST(root, train=train, download=download)
     # torchvision raises RuntimeError or URLError when offline or the files are bad
     except Exception as error:
-        raw = Path(root) / "MNIST" / "raw"
+        detail = (str(error).splitlines() or [""])[0]
         raise ConfigError(
-            f"cannot load MNIST from {raw} ({type(error).__name__}:"
-            f" {str(error).splitlines()[0]}); put the four uncompressed IDX files"
-            f" ({', '.join(MNIST_FILES)}) there, or set MNIST_ROOT to the folder that"
-            " holds MNIST/raw"
+            f"cannot load MNIST from {raw} ({type(error).__name__}"
+            f"{': ' + detail if detail else ''}); {fix}"
         ) from None
-    return dataset.data, dataset.targets
+    images, labels = dataset.data, dataset.targets
+    count = 60000 if train else 10000
+    if (
+        images.dtype != torch.uint8
+        or tuple(images.shape) != (count, 28, 28)
+        or tuple(labels.shape) != (count,)
+        or not 0 <= int(labels.min()) <= int(labels.max()) <= 9
+    ):
+        raise ConfigError(
+            f"MNIST from {raw} holds images {tuple(images.shape)} and labels"
+            f" {tuple(labels.shape)}, expected ({count}, 28, 28) uint8 and ({count},)"
+            f" from 0 to 9; {fix}"
+        )
+    return images, labels
 
 
 def normalize(images, mean=0.1307, std=0.3081):
@@ -678,30 +853,131 @@ def save_checkpoint(path, checkpoint):
     """Write ``checkpoint`` with ``torch.save`` to a temporary file, then rename it over
     ``path``.
 
-    The rename is atomic, so an interrupted write leaves the previous checkpoint intact.
+    The rename is atomic, so an interrupted or failed write (a kill, a full disk)
+    leaves the previous checkpoint intact. The temporary file has a name of its own
+    (two runs never share one), is flushed to the disk before the rename, and is
+    removed if the write fails; the error (an ``OSError`` with its errno) is raised.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        torch.save(checkpoint, temporary)
+        with open(temporary, "xb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, fix="delete it to train again"):
     """Read a checkpoint written by ``save_checkpoint`` (tensors and plain Python values
     only)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"checkpoint '{path}' not found") from None
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read checkpoint '{path}' ({error.strerror}); {fix}"
+        ) from None
     except Exception as error:
         raise ConfigError(
-            f"checkpoint '{path}' is unreadable ({type(error).__name__}); delete it to"
-            " retrain"
+            f"checkpoint '{path}' is unreadable ({type(error).__name__}): it is not a"
+            f" checkpoint of this code, or it is damaged; {fix}"
         ) from None
+
+
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "config",
+    "history",
+    "epoch",
+    "shuffle_rng",
+    "torch_rng",
+)
+HISTORY_KEYS = ("epoch", "train_loss", "validation_loss", "frames")
+
+
+def check_checkpoint(checkpoint, config, path, fix="delete it to train again"):
+    """Raise ``ConfigError`` (one line: the first problem, then ``fix``) unless
+    ``checkpoint`` is a whole checkpoint of ``config`` as ``train`` writes it.
+
+    Checked, in this order: the config it was trained with, its keys, the epoch, the
+    history, each weight's name and shape, that the weights are finite, the optimizer
+    state's shapes and the random states. So a foreign, damaged or diverged checkpoint
+    is refused with the truth before it is used, not with a traceback or a NaN later.
+    """
+
+    def refuse(problem):
+        raise ConfigError(f"checkpoint '{path}' {problem}; {fix}")
+
+    if not isinstance(checkpoint, dict):
+        refuse(f"holds a {type(checkpoint).__name__}, not a checkpoint of train()")
+    if not isinstance(checkpoint.get("config"), dict):
+        refuse("lacks 'config', the config it was trained with")
+    check_same_config(checkpoint, config, path, fix)
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        refuse(f"lacks {', '.join(repr(key) for key in missing)}")
+    epoch, history = checkpoint["epoch"], checkpoint["history"]
+    if not _is_int(epoch) or not 1 <= epoch <= config["epochs"]:
+        refuse(f"holds epoch {_short_repr(epoch)}, expected 1 to {config['epochs']}")
+    if not isinstance(history, dict) or any(
+        not isinstance(history.get(key), list) or len(history[key]) != epoch
+        for key in HISTORY_KEYS
+    ):
+        refuse(f"holds a history without one entry for each of its {epoch} epochs")
+    if not all(
+        isinstance(frame, torch.Tensor) and frame.dim() == 3
+        for frame in history["frames"]
+    ):
+        refuse("holds progress frames that are not images")
+    with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+        model = model_from_config(config)
+    parameters = dict(model.named_parameters())
+    expected = {
+        name: tuple(tensor.shape) for name, tensor in model.state_dict().items()
+    }
+    weights = checkpoint["model"]
+    if not isinstance(weights, dict):
+        refuse("holds no model weights")
+    for name, shape in expected.items():
+        if name not in weights:
+            refuse(f"lacks the weights '{name}'")
+        tensor = weights[name]
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            refuse(
+                f"holds '{name}' of shape {tuple(getattr(tensor, 'shape', ()))},"
+                f" expected {shape}"
+            )
+        if not torch.isfinite(tensor).all():
+            refuse(f"holds NaN or infinite weights ('{name}'): its run diverged")
+    unexpected = sorted(set(weights) - set(expected), key=str)
+    if unexpected:
+        refuse(f"holds weights this model does not have ('{unexpected[0]}')")
+    try:
+        state = checkpoint["optimizer"]["state"]
+        groups = checkpoint["optimizer"]["param_groups"]
+        indices = [index for group in groups for index in group["params"]]
+        fits = len(indices) == len(parameters) and all(
+            not isinstance(value, torch.Tensor)
+            or value.dim() == 0
+            or (tuple(value.shape) == tuple(p.shape) and torch.isfinite(value).all())
+            for index, p in zip(indices, parameters.values())
+            for value in state.get(index, {}).values()
+        )
+    except (KeyError, TypeError, AttributeError):
+        fits = False
+    if not fits:
+        refuse("holds an optimizer state that does not fit the model")
+    for key in ("shuffle_rng", "torch_rng"):
+        try:
+            torch.Generator().set_state(checkpoint[key])
+        except (RuntimeError, TypeError):
+            refuse(f"holds an invalid random state '{key}'")
 
 
 def checkpoint_path(config):
@@ -753,7 +1029,7 @@ def train(config, data=None, resume=False, progress=True):
     path = checkpoint_path(config)
     if resume and path.exists():
         checkpoint = load_checkpoint(path)
-        check_same_config(checkpoint, config, path)
+        check_checkpoint(checkpoint, config, path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         history = checkpoint["history"]
@@ -855,17 +1131,22 @@ def learning_rate_at(config, epoch):
     return config["learning_rate"]
 
 
-def check_same_config(checkpoint, config, path):
+def check_same_config(checkpoint, config, path, fix="delete it or change output_dir"):
     """Refuse a checkpoint trained with another config (paths and device aside)."""
-    if config_key(checkpoint["config"]) != config_key(config):
+    trained_with = checkpoint["config"]
+    try:
+        same = config_key(trained_with) == config_key(config)
+    except (TypeError, ValueError):  # not a config of this code
+        same = False
+    if not same:
         differ = sorted(
-            k
-            for k in config
-            if k not in LOCATION_KEYS and checkpoint["config"].get(k) != config[k]
+            str(k)
+            for k in set(config) | set(trained_with)
+            if k not in LOCATION_KEYS and trained_with.get(k) != config.get(k)
         )
         raise ConfigError(
             f"checkpoint '{path}' was trained with a different config (differs in: "
-            f"{', '.join(differ)}); delete it or change output_dir"
+            f"{', '.join(differ) or 'types of values'}); {fix}"
         )
 
 
@@ -876,7 +1157,7 @@ def load_or_train(config, data=None, progress=True):
     path = checkpoint_path(config)
     if path.exists():
         checkpoint = load_checkpoint(path)
-        check_same_config(checkpoint, config, path)
+        check_checkpoint(checkpoint, config, path)
         if checkpoint["epoch"] >= config["epochs"]:
             model = model_from_config(config)
             model.load_state_dict(checkpoint["model"])

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 import vae_helpers as vh
@@ -227,12 +228,9 @@ def test_the_bernoulli_config_resolves_beta_auto_to_the_elbo():
 def test_bad_chapter_7_keys_give_one_line_naming_the_key(
     write_config, overrides, message
 ):
-    text = BERNOULLI_YAML.read_text() + "".join(
-        f"\n{key}: {value!r}" if isinstance(value, str) else f"\n{key}: {value}"
-        for key, value in overrides.items()
-    )
-    # a key written twice: YAML keeps the last value
+    config = yaml.safe_load(BERNOULLI_YAML.read_text())
+    config.update(overrides, data_root=".", output_dir=".")
     with pytest.raises(vh.ConfigError) as error:
-        vh.load_config(write_config(text))
+        vh.load_config(write_config(config))
     assert message in str(error.value)
     assert "\n" not in str(error.value)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import vae_helpers as vh
 
@@ -61,7 +62,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
     vh.save_checkpoint(path, {"epoch": 1, "weights": torch.ones(3)})
 
     def crash_midway(obj, file, *args, **kwargs):
-        Path(file).write_bytes(b"half a checkpoint")
+        file.write(b"half a checkpoint")  # save_checkpoint passes an open file
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash_midway)
@@ -126,54 +127,92 @@ def test_nan_guard_names_the_epoch_and_batch(quick_config, small_data):
         vh.train(quick_config, data, progress=False)
 
 
-@pytest.mark.slow
-def test_cli_trains_writes_the_figures_reuses_and_resumes(write_config, tmp_path):
-    path = write_config({"epochs": 1, "output_dir": "cli-run", "device": "cpu"})
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One real command-line run (1 epoch, then the figures and the t-SNE): its folder,
+    config, output and checkpoint. The tests below reuse it instead of training and
+    drawing again; they run the CLI's ``main`` in this process, with a stand-in for the
+    t-SNE, which this first run has already checked."""
+    folder = tmp_path_factory.mktemp("cli")
+    path = folder / "config.yaml"
+    path.write_text(
+        yaml.safe_dump({"epochs": 1, "output_dir": "cli-run", "device": "cpu"})
+    )
     command = [sys.executable, str(ROOT / "simple_vae.py"), "-c", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "Training on cpu" in result.stdout and "Test loss" in result.stdout
-    names = {p.name for p in (tmp_path / "cli-run").iterdir()}
-    assert {"recon.png", "gen.png", "progress.gif", "tsne.png", "history.json"} <= names
-    checkpoint = next(tmp_path.glob("cli-run/vae-*.pt"))
+    return folder, path, result, next(folder.glob("cli-run/vae-*.pt"))
 
-    # A second run reuses the finished model: same checkpoint file, same test metrics,
-    # no training.
+
+@pytest.fixture
+def fast_tsne(monkeypatch):
+    """t-SNE replaced by the first two latent coordinates (the figures stay real)."""
+    import sklearn.manifold
+
+    class FirstTwo:
+        def __init__(self, **kwargs):
+            pass
+
+        def fit_transform(self, means):
+            return means[:, :2]
+
+    monkeypatch.setattr(sklearn.manifold, "TSNE", FirstTwo)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # main() leaves the thread count alone
+
+
+@pytest.mark.slow
+def test_cli_trains_and_writes_the_figures(cli_run):
+    folder, _, result, _ = cli_run
+    assert "Training on cpu" in result.stdout and "Test loss" in result.stdout
+    names = {p.name for p in (folder / "cli-run").iterdir()}
+    assert {"recon.png", "gen.png", "progress.gif", "tsne.png", "history.json"} <= names
+
+
+@pytest.mark.slow
+def test_cli_reuses_a_finished_model(cli_run, fast_tsne, capsys):
+    """A second run reuses the finished model: same checkpoint file, same test metrics,
+    no training."""
+    import simple_vae
+
+    _, path, result, checkpoint = cli_run
     written = checkpoint.stat().st_mtime_ns
-    reused = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert reused.returncode == 0, reused.stderr
-    assert (
-        "Reusing the trained model" in reused.stdout
-        and "Training on" not in reused.stdout
-    )
+    assert simple_vae.main(["-c", str(path)]) == 0
+    reused = capsys.readouterr().out
+    assert "Reusing the trained model" in reused and "Training on" not in reused
     assert checkpoint.stat().st_mtime_ns == written
     test_line = [
         line for line in result.stdout.splitlines() if line.startswith("Test loss")
     ]
-    assert [
-        line for line in reused.stdout.splitlines() if line.startswith("Test loss")
-    ] == test_line
+    assert [line for line in reused.splitlines() if line.startswith("Test loss")] == (
+        test_line
+    )
 
-    # With more epochs the checkpoint is an interrupted run: a plain run refuses to
-    # overwrite it, --resume continues.
-    longer = write_config(
-        {"epochs": 2, "output_dir": "cli-run", "device": "cpu"}, name="longer.yaml"
+
+@pytest.mark.slow
+def test_cli_refuses_to_overwrite_an_interrupted_run_and_resumes_it(
+    cli_run, fast_tsne, capsys
+):
+    """With more epochs the checkpoint is an interrupted run: a plain run refuses to
+    overwrite it, --resume continues."""
+    import simple_vae
+
+    folder, _, _, checkpoint = cli_run
+    longer = folder / "longer.yaml"
+    longer.write_text(
+        yaml.safe_dump({"epochs": 2, "output_dir": "cli-run", "device": "cpu"})
     )
     interrupted = vh.load_checkpoint(checkpoint)
     interrupted["config"] = vh.load_config(longer)
     vh.save_checkpoint(vh.checkpoint_path(vh.load_config(longer)), interrupted)
-    command = [sys.executable, str(ROOT / "simple_vae.py"), "-c", str(longer)]
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().count("\n") == 0
+    assert simple_vae.main(["-c", str(longer)]) == 2
+    refused = capsys.readouterr().err
+    assert "Traceback" not in refused and refused.strip().count("\n") == 0
     assert (
         "interrupted run (epoch 1 of 2): continue it with --resume, or start over with"
-        " --retrain" in refused.stderr
+        " --retrain" in refused
     )
-    resumed = subprocess.run(
-        command + ["--resume"], capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0 and "Test loss" in resumed.stdout, resumed.stderr
+    assert simple_vae.main(["-c", str(longer), "--resume"]) == 0
+    assert "Test loss" in capsys.readouterr().out
     assert vh.load_checkpoint(vh.checkpoint_path(vh.load_config(longer)))["epoch"] == 2
 
 
