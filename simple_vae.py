@@ -10,12 +10,12 @@ A finished checkpoint of the same config is reused, not retrained (``--retrain``
 again from scratch); an interrupted run is continued with ``--resume``, never silently
 overwritten.
 
-Whatever the config, the data files, the checkpoint, the output folder and the device,
-a run either works or exits with status 2 and one line naming the problem and its fix,
+Whatever the config, the data files, the checkpoint, the output folder and the device, a
+run either works or exits with status 2 and one line naming the problem and its fix,
 before it trains: the config, the device, the model's memory, the output folder (a
-folder, writable, with room), a second run of the same config (a lock), the
-checkpoint's content and the MNIST files are all checked first. Ctrl-C exits with 130
-and SIGTERM with 143, in one line that says what is intact and what to run next.
+folder, writable, with room), a second run of the same config (a lock), the checkpoint's
+content and the MNIST files are all checked first. Ctrl-C exits with 130 and SIGTERM
+with 143, in one line that says what is intact and what to run next.
 """
 
 import argparse
@@ -174,9 +174,9 @@ def check_output_dir(output_dir, needed_bytes):
 def lock_run(checkpoint):
     """Hold a lock on this checkpoint until the process ends, or refuse in one line.
 
-    ``fcntl.flock`` locks are released by the kernel when the process ends, even by
-    kill -9, so a crashed run never leaves the lock stuck. Writing the process id into
-    the lock file also tests that ``output_dir`` can be written. Returns the open file
+    ``fcntl.flock`` locks are released by the kernel when the process ends, even by kill
+    -9, so a crashed run never leaves the lock stuck. Writing the process id into the
+    lock file also tests that ``output_dir`` can be written. Returns the open file
     descriptor (closing it releases the lock); no lock where ``fcntl`` is missing.
     """
     import vae_helpers as vh
@@ -273,14 +273,14 @@ def cpu_snapshot():
 
 
 def choose_threads(torch, device, since):
-    """One thread per core that other processes leave idle, measured from ``since``
-    (a ``cpu_snapshot`` taken when the run started) until now.
+    """One thread per core that other processes leave idle, measured from ``since`` (a
+    ``cpu_snapshot`` taken when the run started) until now.
 
     On a busy CPU, PyTorch's default of one thread per core makes its threads spin
-    against the other processes (an epoch took 9-66 s instead of 1.6 s with one
-    thread); on a quiet CPU the default is fastest, and is kept. The load average is
-    not used: it lags by a minute, and would cost the quiet case its second thread.
-    An explicit OMP_NUM_THREADS is left alone. Returns the number of threads.
+    against the other processes (an epoch took 9-66 s instead of 1.6 s with one thread);
+    on a quiet CPU the default is fastest, and is kept. The load average is not used: it
+    lags by a minute, and would cost the quiet case its second thread. An explicit
+    OMP_NUM_THREADS is left alone. Returns the number of threads.
     """
     now = cpu_snapshot()
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or not since or not now:

@@ -2,8 +2,8 @@
 training and display.
 
 Every chapter and the command line (``simple_vae.py``) import this one module, so the
-algorithm is written once.
-It is deliberately plain: small functions and one ``nn.Module``.
+algorithm is written once. It is deliberately plain: small functions and one
+``nn.Module``.
 """
 
 import difflib
@@ -96,8 +96,8 @@ def _short_repr(value):
 
 
 def _number_as_text_hint(value, integer=False):
-    """Why YAML read a number as text, and how to write it (PyYAML follows YAML 1.1:
-    a float needs a dot, and an exponent needs its sign: 1.0e-3, 1.0e+9)."""
+    """Why YAML read a number as text, and how to write it (PyYAML follows YAML 1.1: a
+    float needs a dot, and an exponent needs its sign: 1.0e-3, 1.0e+9)."""
     try:
         number = float(value)
     except ValueError:
@@ -523,11 +523,10 @@ def mnist_splits(config, device=None):
     "test": (x, y)}``.
 
     Each ``x`` is one normalized float tensor (N, 784) on ``device``; training batches
-    index into it, so there is
-    no per-image transform in the training loop. The validation images are
-    ``validation_size`` training images
-    chosen with ``validation_seed``; the 10,000 test images are never used for training
-    or model selection.
+    index into it, so there is no per-image transform in the training loop. The
+    validation images are ``validation_size`` training images chosen with
+    ``validation_seed``; the 10,000 test images are never used for training or model
+    selection.
     """
     device = device or select_device(config["device"])
     mean, std = config["normalize_mean"], config["normalize_std"]
@@ -590,8 +589,7 @@ class VAE(nn.Module):
     → 784.
 
     The decoder's output layer is linear: normalized pixels range from -0.42 to 2.82,
-    which a sigmoid, tanh or
-    ReLU head would clip.
+    which a sigmoid, tanh or ReLU head would clip.
     """
 
     def __init__(
@@ -652,9 +650,9 @@ def kl_divergence(mu, logvar):
 def kl_divergence_parts(mu, logvar):
     """The closed-form KL per image split in two parts that sum to ``kl_divergence``.
 
-    The σ-part ½Σ(σ² − 1 − log σ²) grows as the posterior gets narrower than the
-    prior (its precision); the μ-part ½Σμ² grows as its mean moves away from 0.
-    Returns ``(sigma_part, mu_part)``, each (N,) in nats.
+    The σ-part ½Σ(σ² − 1 − log σ²) grows as the posterior gets narrower than the prior
+    (its precision); the μ-part ½Σμ² grows as its mean moves away from 0. Returns
+    ``(sigma_part, mu_part)``, each (N,) in nats.
     """
     sigma_part = 0.5 * (logvar.exp() - 1 - logvar).sum(dim=-1)
     mu_part = 0.5 * mu.pow(2).sum(dim=-1)
@@ -695,10 +693,9 @@ def vae_loss(reconstruction, x, mu, logvar, beta, free_bits=0.0, likelihood="gau
     decoder, −log p(x|z) in nats replaces the SSE.
 
     Returns ``(total, reconstruction_error, kl)``, each a batch mean. Summing over
-    pixels and latents first keeps
-    β's meaning: a per-element mean would divide the SSE by 784 and the KL by the latent
-    size. With ``free_bits`` λ > 0 the total uses ``free_bits_kl`` instead of the KL
-    (the returned ``kl`` stays the plain KL).
+    pixels and latents first keeps β's meaning: a per-element mean would divide the SSE
+    by 784 and the KL by the latent size. With ``free_bits`` λ > 0 the total uses
+    ``free_bits_kl`` instead of the KL (the returned ``kl`` stays the plain KL).
     """
     error = reconstruction_error(reconstruction, x, likelihood)
     kl = kl_divergence(mu, logvar)
@@ -709,8 +706,8 @@ def vae_loss(reconstruction, x, mu, logvar, beta, free_bits=0.0, likelihood="gau
 
 
 def free_bits_kl(mu, logvar, floor):
-    """The KL term with free bits (Kingma et al., 2016): Σ_d max(λ, KL_d), where KL_d
-    is dimension d's KL averaged over the batch and λ = ``floor`` nats.
+    """The KL term with free bits (Kingma et al., 2016): Σ_d max(λ, KL_d), where KL_d is
+    dimension d's KL averaged over the batch and λ = ``floor`` nats.
 
     Below λ a dimension's KL costs nothing and has no gradient, so the optimizer has no
     reason to push it down to 0 (to collapse it). With λ = 0 it is the batch mean of
@@ -724,8 +721,8 @@ def kl_weight(beta, progress, warmup_epochs):
     """The KL weight under KL annealing (Bowman et al., 2016): it rises linearly from 0
     to β over the first ``warmup_epochs`` epochs, then stays at β.
 
-    ``progress`` is the number of epochs done, fractions included (1.5: halfway
-    through the second epoch). With ``warmup_epochs`` = 0 it is β throughout.
+    ``progress`` is the number of epochs done, fractions included (1.5: halfway through
+    the second epoch). With ``warmup_epochs`` = 0 it is β throughout.
     """
     if warmup_epochs <= 0:
         return beta
@@ -777,20 +774,18 @@ def train_epoch(
     free_bits=0.0,
 ):
     """One pass over ``images`` in shuffled batches; returns the epoch's mean loss J_β,
-    reconstruction error and KL
-    as a dict with the keys "loss", "reconstruction" and "kl".
+    reconstruction error and KL as a dict with the keys "loss", "reconstruction" and
+    "kl".
 
     Batches are index lookups into the one data tensor. Stops with ``TrainingDiverged``
-    naming the epoch and
-    batch when the loss turns NaN or infinite. ``kl_warmup_epochs`` (KL annealing, see
-    ``kl_weight``) and ``free_bits`` (see ``free_bits_kl``) change the loss optimized;
-    with their defaults it is SSE + β·KL.
+    naming the epoch and batch when the loss turns NaN or infinite. ``kl_warmup_epochs``
+    (KL annealing, see ``kl_weight``) and ``free_bits`` (see ``free_bits_kl``) change
+    the loss optimized; with their defaults it is SSE + β·KL.
     """
     model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
-    sums = torch.zeros(
-        3, device=images.device
-    )  # loss, reconstruction error, KL, each summed over images
+    # the loss, the reconstruction error and the KL, each summed over images
+    sums = torch.zeros(3, device=images.device)
     batches = math.ceil(len(images) / batch_size)
     for batch, start in enumerate(range(0, len(images), batch_size), start=1):
         x = images[order[start : start + batch_size]]
@@ -853,10 +848,10 @@ def save_checkpoint(path, checkpoint):
     """Write ``checkpoint`` with ``torch.save`` to a temporary file, then rename it over
     ``path``.
 
-    The rename is atomic, so an interrupted or failed write (a kill, a full disk)
-    leaves the previous checkpoint intact. The temporary file has a name of its own
-    (two runs never share one), is flushed to the disk before the rename, and is
-    removed if the write fails; the error (an ``OSError`` with its errno) is raised.
+    The rename is atomic, so an interrupted or failed write (a kill, a full disk) leaves
+    the previous checkpoint intact. The temporary file has a name of its own (two runs
+    never share one), is flushed to the disk before the rename, and is removed if the
+    write fails; the error (an ``OSError`` with its errno) is raised.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -996,11 +991,9 @@ def train(config, data=None, resume=False, progress=True):
     history)``.
 
     The history holds, per epoch, the training loss and the validation loss,
-    reconstruction error and KL, and
-    ``frames``: the first ``PROGRESS_IMAGES`` validation images reconstructed after each
-    epoch (uint8).
-    With ``resume=True`` training continues from the config's checkpoint, with the same
-    random state, so an
+    reconstruction error and KL, and ``frames``: the first ``PROGRESS_IMAGES``
+    validation images reconstructed after each epoch (uint8). With ``resume=True``
+    training continues from the config's checkpoint, with the same random state, so an
     interrupted run ends exactly where an uninterrupted one would.
     """
     device = select_device(config["device"])
@@ -1099,12 +1092,12 @@ def train(config, data=None, resume=False, progress=True):
 
 
 def save_stage_checkpoint(path, config, epoch):
-    """At the end of a stage of Burda et al.'s schedule, copy the checkpoint at
-    ``path`` as the finished checkpoint of the same config with ``epochs = epoch``.
+    """At the end of a stage of Burda et al.'s schedule, copy the checkpoint at ``path``
+    as the finished checkpoint of the same config with ``epochs = epoch``.
 
-    A run with fewer epochs is exactly the start of a longer one (same seed, batches
-    and learning rates), so ``load_or_train`` then finds the model of every completed
-    stage without training it again.
+    A run with fewer epochs is exactly the start of a longer one (same seed, batches and
+    learning rates), so ``load_or_train`` then finds the model of every completed stage
+    without training it again.
     """
     if burda_stage(epoch + 1) > burda_stage(epoch):
         stage_config = {**config, "epochs": epoch}
@@ -1152,8 +1145,8 @@ def check_same_config(checkpoint, config, path, fix="delete it or change output_
 
 def load_or_train(config, data=None, progress=True):
     """The trained model of ``config`` and its history: loaded from its checkpoint when
-    training finished,
-    resumed when it was interrupted, trained from scratch when there is none."""
+    training finished, resumed when it was interrupted, trained from scratch when there
+    is none."""
     path = checkpoint_path(config)
     if path.exists():
         checkpoint = load_checkpoint(path)
@@ -1250,8 +1243,8 @@ def gif_html(gif_bytes, width=None):
 
 def glue(name, value, display=True):
     """Show ``value`` and, where myst-nb is installed (the book build), register it as
-    ``name`` so that other
-    pages of the book can paste it; on Colab without myst-nb it is only shown."""
+    ``name`` so that other pages of the book can paste it; on Colab without myst-nb it
+    is only shown."""
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
@@ -1369,10 +1362,9 @@ def posterior_parameters(model, images, batch_size=1000):
 
 def active_units(model, images, threshold=0.01):
     """The number of active latent dimensions and the variance of each: dimension d is
-    active when
-    Cov_x(E_q[z_d]), the variance over ``images`` of the posterior mean μ_d(x), exceeds
-    ``threshold``
-    (Burda et al., 2016). Returns ``(count, variances)``."""
+    active when Cov_x(E_q[z_d]), the variance over ``images`` of the posterior mean
+    μ_d(x), exceeds ``threshold`` (Burda et al., 2016). Returns ``(count, variances)``.
+    """
     variances = latent_means(model, images).var(dim=0)
     return int((variances > threshold).sum()), variances
 
@@ -1394,13 +1386,10 @@ def importance_weighted_log_likelihood(
     nats (normalized pixel units): one estimate per image.
 
     For each image, log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x) with z_k ~ q(z|x), under
-    the Gaussian decoder
-    N(x̂(z), σ² I) with σ² = β / 2, as in ``gaussian_elbo_nats``. With K = 1 it is an
-    unbiased estimate of the
-    ELBO ℒ; its expectation ℒ_K grows with K towards log p(x).
-    Returns a float64 tensor (N,);
-    images are processed in chunks
-    of ``max_decodes // k`` images, z is drawn with a fixed seed.
+    the Gaussian decoder N(x̂(z), σ² I) with σ² = β / 2, as in ``gaussian_elbo_nats``.
+    With K = 1 it is an unbiased estimate of the ELBO ℒ; its expectation ℒ_K grows with
+    K towards log p(x). Returns a float64 tensor (N,); images are processed in chunks of
+    ``max_decodes // k`` images, z is drawn with a fixed seed.
     """
     model.eval()
     variance = beta / 2
@@ -1432,12 +1421,10 @@ def importance_weighted_log_likelihood(
 
 def frechet_distance(features_a, features_b):
     """The Fréchet distance between Gaussians fitted to two sets of feature rows (Heusel
-    et al., 2017):
-    ‖m_a − m_b‖² + tr(C_a + C_b − 2 (C_a C_b)^½).
+    et al., 2017): ‖m_a − m_b‖² + tr(C_a + C_b − 2 (C_a C_b)^½).
 
     tr (C_a C_b)^½ is computed as tr (A C_b A)^½ with A = C_a^½ (same eigenvalues), from
-    symmetric
-    eigendecompositions.
+    symmetric eigendecompositions.
     """
     a, b = features_a.double(), features_b.double()
     mean_a, mean_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
@@ -1456,9 +1443,8 @@ def aggregate_posterior_moments(means, variances=None):
     """The mean m and covariance S of the rows of ``means`` (float64).
 
     With ``variances`` (the encoder's σ²(x), same shape), their average is added to the
-    diagonal of S (the law of
-    total covariance): then m and S are the mean and covariance of the aggregate
-    posterior q(z) = E_x q(z|x).
+    diagonal of S (the law of total covariance): then m and S are the mean and
+    covariance of the aggregate posterior q(z) = E_x q(z|x).
     """
     m, covariance = (
         means.double().mean(0),
@@ -1516,9 +1502,8 @@ def classifier_path(config, settings=CLASSIFIER_SETTINGS):
 
 def load_or_train_classifier(config, data=None, settings=CLASSIFIER_SETTINGS):
     """The reference MNIST classifier (eval mode, CPU): loaded from ``output_dir`` when
-    cached, else trained on the
-    training split with a fixed seed (about 10 s on a 2-core CPU) and saved with
-    ``save_checkpoint``."""
+    cached, else trained on the training split with a fixed seed (about 10 s on a 2-core
+    CPU) and saved with ``save_checkpoint``."""
     path = classifier_path(config, settings)
     if path.exists():
         classifier = MNISTClassifier(settings["hidden_sizes"])
@@ -1564,8 +1549,7 @@ def classifier_outputs(classifier, images, batch_size=2000):
 
 def class_histogram_entropy(probabilities):
     """The entropy in nats of the histogram of predicted classes: ln 10 ≈ 2.303 when all
-    ten digits are equally
-    frequent, 0 when every image is called the same digit."""
+    ten digits are equally frequent, 0 when every image is called the same digit."""
     frequencies = torch.bincount(
         probabilities.argmax(dim=-1), minlength=probabilities.shape[-1]
     ).double()
