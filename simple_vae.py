@@ -76,7 +76,9 @@ def save_figures(model, history, data, config, output_dir, tsne_points=3000):
     for name, (images, title) in pictures.items():
         plt.figure(figsize=(6, 6 if name == "gen.png" else 1.8))
         plt.imshow(
-            vh.image_grid(images, config, nrow=16 if name == "recon.png" else 8),
+            vh.image_grid(
+                images, config, nrow=16 if name == "recon.png" else 8
+            ).numpy(),
             cmap="gray",
         )
         plt.title(title)
@@ -90,7 +92,7 @@ def save_figures(model, history, data, config, output_dir, tsne_points=3000):
     points = plt.scatter(
         embedding[:, 0],
         embedding[:, 1],
-        c=test_labels[:tsne_points].cpu(),
+        c=test_labels[:tsne_points].cpu().numpy(),
         cmap="tab10",
         s=3,
     )
