@@ -1087,22 +1087,29 @@ def train(config, data=None, resume=False, progress=True):
             },
         )
         if config["schedule"] == "burda" and epoch < config["epochs"]:
-            save_stage_checkpoint(path, config, epoch)
+            save_stage_checkpoint(config, epoch)
     return model, history
 
 
-def save_stage_checkpoint(path, config, epoch):
-    """At the end of a stage of Burda et al.'s schedule, copy the checkpoint at ``path``
-    as the finished checkpoint of the same config with ``epochs = epoch``.
+def copy_checkpoint(source_config, target_config):
+    """Save the checkpoint of ``source_config`` as the checkpoint of ``target_config``,
+    the same run with another number of epochs.
 
     A run with fewer epochs is exactly the start of a longer one (same seed, batches and
-    learning rates), so ``load_or_train`` then finds the model of every completed stage
-    without training it again.
+    learning rates), so ``load_or_train(target_config)`` then finds a shorter run
+    finished and continues a longer one from here, instead of training from scratch.
     """
+    checkpoint = load_checkpoint(checkpoint_path(source_config))
+    save_checkpoint(
+        checkpoint_path(target_config), {**checkpoint, "config": target_config}
+    )
+
+
+def save_stage_checkpoint(config, epoch):
+    """At the end of a stage of Burda et al.'s schedule, keep the model of ``config``
+    after ``epoch`` epochs as the finished model of ``{**config, "epochs": epoch}``."""
     if burda_stage(epoch + 1) > burda_stage(epoch):
-        stage_config = {**config, "epochs": epoch}
-        checkpoint = {**load_checkpoint(path), "config": stage_config}
-        save_checkpoint(checkpoint_path(stage_config), checkpoint)
+        copy_checkpoint(config, {**config, "epochs": epoch})
 
 
 def burda_stage(epoch):
